@@ -1,0 +1,236 @@
+"""Typed, frozen settings for every part of fedrec; parsed once from TOML and `--set` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedrec.common.errors import ConfigError
+
+CENTRAL_METHODS = ("popularity", "dp-popularity", "zero-shot", "central-lora", "central-dp-lora")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "ml-100k"  # a known asset name or a local directory
+    format: str = "auto"  # auto | ml-100k | recbole | csv
+    rating_threshold: float | None = None  # None: every interaction is a positive
+    max_history: int = 8  # most recent items shown to the user tower
+    # Reduced default so `fedrec train-central` finishes on a 2-core CPU; the full-size preset
+    # (simulations/configs/central-full.toml) sets it to all users.
+    max_users: int = 150  # 0: all users
+
+    def __post_init__(self) -> None:
+        _choice("data.format", self.format, ("auto", "ml-100k", "recbole", "csv"))
+        _positive("data.max_history", self.max_history)
+        if self.max_users < 0:
+            raise ConfigError(f"data.max_users={self.max_users} must be >= 0 (0: all users)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"  # known name, hub id, local dir or .gguf file
+    dtype: str = "float32"
+    max_item_tokens: int = 32
+    max_history_tokens: int = 256
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("model.device", self.device, ("auto", "cpu", "cuda"))
+        _positive("model.max_item_tokens", self.max_item_tokens)
+        _positive("model.max_history_tokens", self.max_history_tokens)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    last_layers: int | None = 4  # LoRA on the last N transformer blocks only (None: all)
+    variant: str = "lora"  # lora | ffa (A frozen at its random init, only B trained and sent)
+
+    def __post_init__(self) -> None:
+        _positive("lora.rank", self.rank)
+        _choice("lora.variant", self.variant, ("lora", "ffa"))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules must name at least one module, e.g. ['q_proj']")
+        if self.last_layers is not None:
+            _positive("lora.last_layers", self.last_layers)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    methods: tuple[str, ...] = CENTRAL_METHODS  # what `fedrec train-central` runs, in order
+    epochs: float = 1.0  # passes over the users (expected, under Poisson sampling)
+    batch_size: int = 16  # expected users per step
+    lr: float = 1e-3
+    negatives: int = 15  # uniformly sampled negatives per user and step
+    temperature: float = 0.05  # fixed softmax temperature over cosine similarities
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for method in self.methods:
+            _choice("train.methods", method, CENTRAL_METHODS)
+        _positive("train.epochs", self.epochs)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.lr", self.lr)
+        _positive("train.negatives", self.negatives)
+        _positive("train.temperature", self.temperature)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    target_epsilon: float = 8.0  # total user-level budget: DP-SGD and the prior release together
+    delta: float | None = None  # None: min(1e-5, 1/(10·users))
+    clip_norm: float = 1.0  # per-user L2 bound on the LoRA gradient
+    accountant: str = "rdp"  # rdp | prv
+    secure_rng: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("privacy.target_epsilon", self.target_epsilon)
+        _positive("privacy.clip_norm", self.clip_norm)
+        _choice("privacy.accountant", self.accountant, ("rdp", "prv"))
+        if self.delta is not None and not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"privacy.delta={self.delta} must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    enabled: bool = True  # blend the LLM score with private item popularity
+    weight: float = 1.0  # β in score = LLM + β·log(1 + noisy count)
+    clip_norm: float = 1.0  # per-user L2 bound on the 0/1 item vector
+    noise_multiplier: float = 5.0  # σ of the counts release, spent from the same budget
+
+    def __post_init__(self) -> None:
+        _positive("prior.clip_norm", self.clip_norm)
+        if self.weight < 0:
+            raise ConfigError(f"prior.weight={self.weight} must be >= 0")
+        if self.noise_multiplier < 0:
+            raise ConfigError(f"prior.noise_multiplier={self.noise_multiplier} must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ks: tuple[int, ...] = (10,)
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.ks or any(k <= 0 for k in self.ks):
+            raise ConfigError(f"eval.ks={list(self.ks)} must be a non-empty list of positive ints")
+        _positive("eval.batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "central"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+def load_config(path: Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML file (optional), apply `key=value` overrides, validate, return a Config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(Config, raw)
+
+
+def from_dict(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested mapping; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        allowed = ", ".join(prefix + name for name in fields)
+        raise ConfigError(f"unknown setting {prefix}{unknown[0]}; allowed here: {allowed}")
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(hints[name], value, prefix + name) for name, value in raw.items()}
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A TOML-serialisable dict of a (nested) config dataclass; None values are dropped."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value)
+        elif value is not None:
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key + ".")
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(args[0], v, key) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (
+        not isinstance(value, hint) or (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r} must look like section.key=value, e.g. train.lr=1e-3")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word such as a path or a method name
+    node = raw
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    node[leaf] = value
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}={value} must be > 0")

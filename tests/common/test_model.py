@@ -1,0 +1,71 @@
+"""The recommender's encoders: pooling, truncation, scoring and the on-disk item-vector cache."""
+
+from pathlib import Path
+
+import torch
+
+from fedrec.common.config import LoraConfig
+from fedrec.common.lora import attach_lora
+from fedrec.common.model import Recommender, item_vectors_cached
+
+
+def _rec(model, tok, max_history_tokens: int = 128) -> Recommender:
+    return Recommender(attach_lora(model, LoraConfig(rank=4)), tok, max_item_tokens=32,
+                       max_history_tokens=max_history_tokens, temperature=0.1)
+
+
+def test_vectors_are_unit_norm_and_padding_invariant(tiny_model, tiny_tokenizer) -> None:
+    rec = _rec(tiny_model, tiny_tokenizer)
+    short, long = "Heat (1995)", "Star Wars (1977) | Action, Adventure, Romance, Sci-Fi, War"
+
+    alone = rec.encode_items([short])
+    batched = rec.encode_items([short, long])
+
+    assert batched.shape == (2, 32)
+    assert torch.allclose(batched.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(alone[0], batched[0], atol=1e-5)  # right padding does not leak
+
+
+def test_history_truncation_keeps_most_recent(tiny_model, tiny_tokenizer) -> None:
+    rec = _rec(tiny_model, tiny_tokenizer, max_history_tokens=24)
+    history = ["Toy Story (1995)"] * 20 + ["Heat (1995)"]
+
+    prompt = rec.user_prompt(history)
+    rec.tokenizer.truncation_side = "left"
+    ids = rec.tokenizer(prompt, truncation=True, max_length=24).input_ids
+
+    assert "next item they will like" in rec.tokenizer.decode(ids)
+    assert rec.encode_users([history]).shape == (1, 32)
+
+
+def test_cold_start_and_combined_prompts() -> None:
+    assert "describes their taste: 90s sci-fi" in Recommender.user_prompt([], "90s sci-fi")
+    combined = Recommender.user_prompt(["Heat (1995)"], "dark comedies")
+    assert "dark comedies" in combined and "Heat (1995)" in combined
+
+
+def test_logits_are_scaled_cosine(tiny_model, tiny_tokenizer) -> None:
+    rec = _rec(tiny_model, tiny_tokenizer)
+    users = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1)
+    items = torch.nn.functional.normalize(torch.randn(5, 32), dim=-1)
+
+    assert torch.allclose(rec.logits(users, items), users @ items.T / 0.1)
+
+
+def test_item_vector_cache_hits_and_keys_on_adapter(tiny_model, tiny_tokenizer, tmp_path: Path) -> None:
+    rec = _rec(tiny_model, tiny_tokenizer)
+    texts = ["Toy Story (1995)", "Heat (1995)", "GoldenEye (1995)"]
+
+    first = item_vectors_cached(rec, texts, cache_dir=tmp_path, model_fingerprint="m", adapter_digest="a")
+    files = list((tmp_path / "item-vectors").iterdir())
+    with torch.no_grad():  # a different adapter must not be served the old vectors
+        for n, p in rec.model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)
+    cached = item_vectors_cached(rec, texts, cache_dir=tmp_path, model_fingerprint="m", adapter_digest="a")
+    fresh = item_vectors_cached(rec, texts, cache_dir=tmp_path, model_fingerprint="m", adapter_digest="b")
+
+    assert len(files) == 1 and first.shape == (3, 32)
+    assert torch.equal(first, cached)
+    assert not torch.allclose(first, fresh)
+    assert len(list((tmp_path / "item-vectors").iterdir())) == 2

@@ -92,7 +92,7 @@ def per_user_gradients(
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for slot, g, p in zip(per_param, grads, params, strict=True):
             slot.append(torch.zeros_like(p) if g is None else g.detach())
-        total += float(loss)
+        total += float(loss.detach())
     stacked = [torch.stack(slot) for slot in per_param]
     return stacked, total / max(1, len(examples))
 
@@ -174,7 +174,7 @@ class LocalTrainer:
             loss = example_losses(self.rec, examples, self.item_titles, self.item_texts).mean()
             loss.backward()
             self.optimizer.step()
-            return float(loss)
+            return loss.item()
         grads, mean_loss = self._dp_grads(examples)
         for p, g in zip(self.params, grads, strict=True):
             p.grad_sample = g  # type: ignore[attr-defined]

@@ -53,7 +53,7 @@ def _is_trainable(name: str, variant: str) -> bool:
 
 def adapter_state(model: PeftModel, *, variant: str = "lora") -> dict[str, torch.Tensor]:
     """The adapter tensors (detached CPU copies); under FFA-LoRA only the B matrices."""
-    state = get_peft_model_state_dict(model)
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
     keys = [k for k in state if variant != "ffa" or "lora_B" in k]
     return {k: state[k].detach().to("cpu").clone().contiguous() for k in sorted(keys)}
 

@@ -74,7 +74,13 @@ def _converted(files: ModelFiles, cache_dir: Path) -> tuple[Path, str | None]:
 
 def _save_converted(model: PreTrainedModel, tokenizer: object, target: Path) -> None:
     tmp = target.with_name(target.name + ".tmp")
+    # The GGUF weights are already de-quantised to `dtype`; drop the quantizer so they can be
+    # written as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
         (tmp / "complete").write_text("converted from GGUF\n")

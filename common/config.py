@@ -73,7 +73,7 @@ class TrainConfig:
     methods: tuple[str, ...] = CENTRAL_METHODS  # what `fedrec train-central` runs, in order
     epochs: float = 1.0  # passes over the users (expected, under Poisson sampling)
     batch_size: int = 16  # expected users per step
-    lr: float = 1e-3
+    lr: float = 3e-3
     negatives: int = 15  # uniformly sampled negatives per user and step
     temperature: float = 0.05  # fixed softmax temperature over cosine similarities
     seed: int = 0

@@ -21,7 +21,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, help="run directory (default: runs/<name>)")
     parser.add_argument("--data", help="local data set directory (skips the download)")
     parser.add_argument("--model", help="local model directory, .gguf file or hub id")
-    parser.add_argument("--cache-dir", type=Path, help="asset cache (default: $FEDREC_CACHE or ~/.cache/fedrec)")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="asset cache (default: $FEDREC_CACHE or ~/.cache/fedrec)")
     parser.add_argument("--offline", action="store_true", help="use only the cache; no network")
 
 

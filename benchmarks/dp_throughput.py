@@ -23,7 +23,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "dp_throughput.json"
 def measure(mode: str, model_name: str, batch: int, steps: int) -> dict:
     import numpy as np
     import torch
-
     from fedrec.client.train import DPSettings, LocalTrainer
     from fedrec.common.assets import default_cache_dir
     from fedrec.common.config import LoraConfig, ModelConfig
@@ -54,10 +53,11 @@ def measure(mode: str, model_name: str, batch: int, steps: int) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    cpu = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     out = {
         "mode": mode, "users_per_second": batch * steps / seconds, "seconds_per_step": seconds / steps,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu,
     }
     if device.type == "cuda":
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus.optimizers import DPOptimizer
-from tqdm import tqdm
-
 from fedrec.common.model import Recommender
 from fedrec.common.privacy import PrivacyAccountant
+from opacus.optimizers import DPOptimizer
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ class LocalTrainer:
         if dp is not None:
             if accountant is None:
                 raise ValueError("DP training needs an accountant to record what it spends")
-            self.optimizer = DPOptimizer(
+            dp_optimizer = DPOptimizer(
                 base,
                 noise_multiplier=dp.noise_multiplier,
                 max_grad_norm=dp.clip_norm,
@@ -144,7 +143,8 @@ class LocalTrainer:
                 secure_mode=dp.secure_rng,
                 generator=torch.Generator().manual_seed(seed) if not dp.secure_rng else None,
             )
-            self.optimizer.attach_step_hook(accountant.make_step_hook(dp.sample_rate))
+            dp_optimizer.attach_step_hook(accountant.make_step_hook(dp.sample_rate))
+            self.optimizer = dp_optimizer
 
     @property
     def sample_rate(self) -> float:

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from fedrec.common.errors import AssetError
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -187,7 +187,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_dict(hint, value, key + ".")
     args = typing.get_args(hint)
     origin = typing.get_origin(hint)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from fedrec.common.errors import ConfigError, DataError
 
 ML100K_GENRES = (
@@ -395,7 +394,8 @@ def partition_users(
     if scheme == "attribute":
         return _by_attribute(dataset, users, attribute, num_clients, zip_prefix)
     if scheme not in PARTITION_SCHEMES:
-        raise ConfigError(f"partition scheme {scheme!r} is not known; choose one of: {', '.join(PARTITION_SCHEMES)}")
+        allowed = ", ".join(PARTITION_SCHEMES)
+        raise ConfigError(f"partition scheme {scheme!r} is not known; choose one of: {allowed}")
     if not 1 <= num_clients <= len(users):
         raise ConfigError(f"num_clients={num_clients} must be between 1 and the {len(users)} users")
     rng = np.random.default_rng(seed)
@@ -417,7 +417,10 @@ def _labels(dataset: Dataset, users: Sequence[str], attribute: str | None) -> li
         return out
     missing = [u for u in users if attribute not in dataset.user_attributes.get(u, {})]
     if missing:
-        raise ConfigError(f"user attribute {attribute!r} is missing for user {missing[0]} (and {len(missing) - 1} more)")
+        raise ConfigError(
+            f"user attribute {attribute!r} is missing for user {missing[0]} "
+            f"(and {len(missing) - 1} more); the user file must have it for every user"
+        )
     return [dataset.user_attributes[u][attribute] for u in users]
 
 

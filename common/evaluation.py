@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 from fedrec.common.data import Dataset, Split
 from fedrec.common.metrics import evaluate_scores
 from fedrec.common.model import Recommender

@@ -8,13 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from fedrec.common.config import LoraConfig
+from fedrec.common.errors import AdapterError
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
-
-from fedrec.common.config import LoraConfig
-from fedrec.common.errors import AdapterError
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype]
 
@@ -25,7 +24,7 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, *, seed: int = 0) -> PeftMode
     A is initialised from `seed`, so every party that attaches with the same seed holds the
     same A; FFA-LoRA relies on that, since A is never trained or sent.
     """
-    num_layers = int(model.config.num_hidden_layers)
+    num_layers = int(model.config.num_hidden_layers)  # type: ignore[union-attr, arg-type]
     layers = None
     if cfg.last_layers is not None:
         layers = list(range(max(0, num_layers - cfg.last_layers), num_layers))

@@ -17,17 +17,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-
 from fedrec.common.assets import ModelFiles, resolve_model
 from fedrec.common.config import ModelConfig
-from fedrec.common.errors import AssetError
+from fedrec.common.errors import AssetError, ConfigError
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
 ITEM_PROMPT = "Item: {text}\nIn one word, this item is:"
 USER_PROMPT = "A user recently liked: {history}\nIn one word, the next item they will like is:"
+MIN_VARIABLE_TOKENS = 8  # room that must remain for the item text or the history
 COLD_START_PROMPT = "A user describes their taste: {text}\nIn one word, the next item they will like is:"
 
 
@@ -76,7 +76,7 @@ def _save_converted(model: PreTrainedModel, tokenizer: object, target: Path) -> 
     tmp = target.with_name(target.name + ".tmp")
     # The GGUF weights are already de-quantised to `dtype`; drop the quantizer so they can be
     # written as plain safetensors.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     try:
@@ -125,12 +125,25 @@ class Recommender:
         self.max_item_tokens = max_item_tokens
         self.max_history_tokens = max_history_tokens
         self.temperature = temperature
+        for key, budget, template in (
+            ("model.max_item_tokens", max_item_tokens, ITEM_PROMPT),
+            ("model.max_history_tokens", max_history_tokens, USER_PROMPT),
+        ):
+            fixed = len(self._ids(template.split("{")[0] + template.split("}")[1]))
+            if budget < fixed + MIN_VARIABLE_TOKENS:
+                raise ConfigError(
+                    f"{key}={budget} leaves no room for the text: the instruction alone takes "
+                    f"{fixed} tokens with this tokenizer; use at least {fixed + MIN_VARIABLE_TOKENS}"
+                )
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     # --- prompts -------------------------------------------------------------------------
+    # Prompts are assembled from token ids so that truncation only ever shortens the variable
+    # part (item text, the oldest titles of a history), never the fixed instruction whose last
+    # token is pooled.
     @staticmethod
     def item_prompt(text: str) -> str:
         return ITEM_PROMPT.format(text=text)
@@ -142,29 +155,56 @@ class Recommender:
         prompt = USER_PROMPT.format(history="; ".join(titles))
         return prompt if not text else f"The user says: {text}\n{prompt}"
 
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+
+    def _fit(self, template: str, body: str, budget: int, *, keep_end: bool) -> list[int]:
+        """Token ids of `template` with `body` cut (at its start or end) to fit `budget` tokens."""
+        pre, suf = (self._ids(part) for part in template.split("{}"))
+        room = max(1, budget - len(pre) - len(suf))
+        ids = self._ids(body)
+        ids = ids[-room:] if keep_end else ids[:room]
+        return pre + ids + suf
+
+    def item_ids(self, text: str) -> list[int]:
+        return self._fit(ITEM_PROMPT.replace("{text}", "{}"), text, self.max_item_tokens, keep_end=False)
+
+    def user_ids(self, titles: Sequence[str], text: str | None = None) -> list[int]:
+        if not titles:
+            template = COLD_START_PROMPT.replace("{text}", "{}")
+            return self._fit(template, text or "", self.max_history_tokens, keep_end=False)
+        template = USER_PROMPT.replace("{history}", "{}")
+        if text:  # the user's own words first, at most half of the budget
+            said = self._fit("The user says: {}\n", text, self.max_history_tokens // 2, keep_end=False)
+            template = self.tokenizer.decode(said) + template  # type: ignore[attr-defined]
+        return self._fit(template, "; ".join(titles), self.max_history_tokens, keep_end=True)
+
     # --- encoding ------------------------------------------------------------------------
-    def encode(self, prompts: Sequence[str], *, max_tokens: int, left_truncate: bool) -> torch.Tensor:
+    def encode_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """(N, H) L2-normalised last-token states; differentiable when grad is enabled."""
-        tok = self.tokenizer
-        tok.truncation_side = "left" if left_truncate else "right"  # type: ignore[attr-defined]
-        tok.padding_side = "right"  # type: ignore[attr-defined]
-        batch = tok(  # type: ignore[operator]
-            list(prompts), return_tensors="pt", padding=True, truncation=True, max_length=max_tokens
-        ).to(self.device)
-        out = self.model(**batch, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        longest = max(len(s) for s in sequences)
+        pad = int(self.tokenizer.pad_token_id)  # type: ignore[attr-defined]
+        ids = torch.full((len(sequences), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        for row, seq in enumerate(sequences):  # right padding: position of real tokens unchanged
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                         use_cache=False, logits_to_keep=1)
         hidden = out.hidden_states[-1]  # (N, T, H)
-        last = batch["attention_mask"].sum(dim=1) - 1  # (N,)
+        last = mask.sum(dim=1) - 1  # (N,)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, H)
         return F.normalize(pooled.float(), dim=-1)
 
     def encode_items(self, texts: Sequence[str]) -> torch.Tensor:
-        prompts = [self.item_prompt(t) for t in texts]
-        return self.encode(prompts, max_tokens=self.max_item_tokens, left_truncate=False)
+        return self.encode_ids([self.item_ids(t) for t in texts])
 
-    def encode_users(self, histories: Sequence[Sequence[str]], texts: Sequence[str | None] | None = None) -> torch.Tensor:
+    def encode_users(
+        self, histories: Sequence[Sequence[str]], texts: Sequence[str | None] | None = None
+    ) -> torch.Tensor:
         texts = texts if texts is not None else [None] * len(histories)
-        prompts = [self.user_prompt(h, t) for h, t in zip(histories, texts, strict=True)]
-        return self.encode(prompts, max_tokens=self.max_history_tokens, left_truncate=True)
+        return self.encode_ids([self.user_ids(h, t) for h, t in zip(histories, texts, strict=True)])
 
     @torch.no_grad()
     def encode_all(self, fn_inputs: Sequence, *, users: bool, batch_size: int) -> torch.Tensor:

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from fedrec.common.errors import ConfigError, PrivacyError
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
-
-from fedrec.common.errors import ConfigError, PrivacyError
 
 ACCOUNTANTS = ("rdp", "prv")
 STATE_VERSION = 1

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-
 from fedrec.common.config import Config, to_dict
 
 PACKAGES = ("fedrec", "torch", "transformers", "peft", "opacus", "flwr", "numpy", "safetensors")

@@ -11,12 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from fedrec.client.train import DPSettings, LocalTrainer, steps_for_epochs
 from fedrec.common.assets import resolve_dataset
 from fedrec.common.config import Config
-from fedrec.common.errors import ConfigError
 from fedrec.common.data import Dataset, Split, leave_one_out, load_dataset
+from fedrec.common.errors import ConfigError
 from fedrec.common.evaluation import (
     EvalUsers,
     eval_users,

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-
 from fedrec.client.train import (
     DPSettings,
     Example,
@@ -25,7 +24,7 @@ SEQS = {"u1": [0, 1, 2, 3], "u2": [4, 5, 6], "u3": [7, 8, 9, 10, 11]}
 
 def _trainer(model, tok, *, dp: DPSettings | None, accountant=None, batch_size: int = 3, lr=0.05):
     rec = Recommender(attach_lora(model, LoraConfig(rank=4, last_layers=None)), tok,
-                      max_item_tokens=24, max_history_tokens=96, temperature=0.1)
+                      max_item_tokens=48, max_history_tokens=128, temperature=0.1)
     return LocalTrainer(rec, item_titles=TITLES, item_texts=TEXTS, sequences=SEQS, lr=lr,
                         batch_size=batch_size, max_history=3, negatives=3, seed=0, dp=dp,
                         accountant=accountant)
@@ -62,13 +61,15 @@ def test_dp_without_noise_and_clipping_equals_plain_training(make_model, tiny_to
     plain = _trainer(make_model(), tiny_tokenizer, dp=None)
     dp = _trainer(make_model(), tiny_tokenizer, accountant=PrivacyAccountant(),
                   dp=DPSettings(noise_multiplier=0.0, clip_norm=1e9, sample_rate=1.0))
+    plain_init = adapter_state(plain.rec.model)
 
     for _ in range(2):
         plain.step(_examples())
         dp.step(_examples())
 
     a, b = adapter_state(plain.rec.model), adapter_state(dp.rec.model)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)  # float32 summation order
+    assert any(not torch.allclose(a[k], plain_init[k]) for k in a)  # and training did move them
 
 
 def test_per_user_gradients_are_the_users_own(tiny_model, tiny_tokenizer) -> None:

@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from fedrec.common import assets
 from fedrec.common.assets import Asset, Member, Source, fetch_dataset, fetch_model, resolve_model
 from fedrec.common.errors import AssetError

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from fedrec.common.config import Config, load_config, to_dict
 from fedrec.common.errors import ConfigError
 
@@ -48,7 +47,9 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
 
 def test_round_trip_through_dict() -> None:
     cfg = load_config(None, ["lora.target_modules=[\"q_proj\"]"])
-    import tomli_w, tomllib
+    import tomllib
+
+    import tomli_w
 
     again = load_config(None, [])
     text = tomli_w.dumps(to_dict(cfg))

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from fedrec.common.data import client_splits, leave_one_out, load_dataset, partition_users
 from fedrec.common.errors import ConfigError, DataError
 

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fedrec.common.config import LoraConfig
 from fedrec.common.errors import AdapterError
 from fedrec.common.lora import (

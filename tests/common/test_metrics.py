@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-
 from fedrec.common.metrics import evaluate_scores, rank_of_targets, ranking_metrics
 
 

@@ -3,14 +3,13 @@
 from pathlib import Path
 
 import torch
-
 from fedrec.common.config import LoraConfig
 from fedrec.common.lora import attach_lora
 from fedrec.common.model import Recommender, item_vectors_cached
 
 
 def _rec(model, tok, max_history_tokens: int = 128) -> Recommender:
-    return Recommender(attach_lora(model, LoraConfig(rank=4)), tok, max_item_tokens=32,
+    return Recommender(attach_lora(model, LoraConfig(rank=4)), tok, max_item_tokens=48,
                        max_history_tokens=max_history_tokens, temperature=0.1)
 
 
@@ -26,15 +25,17 @@ def test_vectors_are_unit_norm_and_padding_invariant(tiny_model, tiny_tokenizer)
     assert torch.allclose(alone[0], batched[0], atol=1e-5)  # right padding does not leak
 
 
-def test_history_truncation_keeps_most_recent(tiny_model, tiny_tokenizer) -> None:
-    rec = _rec(tiny_model, tiny_tokenizer, max_history_tokens=24)
+def test_truncation_cuts_the_variable_part_never_the_instruction(tiny_model, tiny_tokenizer) -> None:
+    rec = _rec(tiny_model, tiny_tokenizer, max_history_tokens=80)
     history = ["Toy Story (1995)"] * 20 + ["Heat (1995)"]
 
-    prompt = rec.user_prompt(history)
-    rec.tokenizer.truncation_side = "left"
-    ids = rec.tokenizer(prompt, truncation=True, max_length=24).input_ids
+    user = tiny_tokenizer.decode(rec.user_ids(history))
+    item = tiny_tokenizer.decode(rec.item_ids("Star Wars " * 50))
 
-    assert "next item they will like" in rec.tokenizer.decode(ids)
+    assert len(rec.user_ids(history)) <= 80 and len(rec.item_ids("Star Wars " * 50)) <= 48
+    assert user.startswith("A user recently liked:") and user.endswith("the next item they will like is:")
+    assert "Heat (1995)" in user  # the most recent title survives
+    assert item.startswith("Item: Star Wars") and item.endswith("this item is:")
     assert rec.encode_users([history]).shape == (1, 32)
 
 
@@ -69,3 +70,12 @@ def test_item_vector_cache_hits_and_keys_on_adapter(tiny_model, tiny_tokenizer, 
     assert torch.equal(first, cached)
     assert not torch.allclose(first, fresh)
     assert len(list((tmp_path / "item-vectors").iterdir())) == 2
+
+
+def test_token_budget_too_small_is_a_config_error(tiny_model, tiny_tokenizer) -> None:
+    import pytest
+
+    from fedrec.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.max_item_tokens=10"):
+        Recommender(tiny_model, tiny_tokenizer, max_item_tokens=10, max_history_tokens=200, temperature=0.1)

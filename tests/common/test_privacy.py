@@ -5,8 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
-
 from fedrec.common.errors import PrivacyError
 from fedrec.common.privacy import (
     MechanismStep,
@@ -17,6 +15,7 @@ from fedrec.common.privacy import (
     epsilon,
     private_counts,
 )
+from opacus.accountants import RDPAccountant
 
 # RDP ε for σ=1.0, q=0.01, 1000 steps, δ=1e-5 with Opacus 1.6's default orders (computed once).
 GOLDEN_EPS = 2.1013652716

@@ -6,7 +6,6 @@ once from the original source or the PyPI mirror.
 
 import pytest
 import torch
-
 from fedrec.client.train import DPSettings, Example, LocalTrainer
 from fedrec.common.assets import default_cache_dir
 from fedrec.common.config import LoraConfig, ModelConfig

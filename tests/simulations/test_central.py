@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from fedrec.cli import main
 from fedrec.common.privacy import MechanismStep, epsilon
 from fedrec.common.rundir import read_jsonl

@@ -54,7 +54,7 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    last_layers: int | None = 4  # LoRA on the last N transformer blocks only (None: all)
+    last_layers: int | None = 2  # LoRA on the last N transformer blocks only (None: all)
     variant: str = "lora"  # lora | ffa (A frozen at its random init, only B trained and sent)
 
     def __post_init__(self) -> None:

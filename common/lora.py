@@ -44,6 +44,14 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, *, seed: int = 0) -> PeftMode
     return peft_model
 
 
+def frozen_layer_count(model: nn.Module, cfg: LoraConfig) -> int:
+    """How many leading transformer blocks carry no adapter (0 when every block has LoRA)."""
+    if cfg.last_layers is None:
+        return 0
+    num_layers = int(model.config.num_hidden_layers)  # type: ignore[union-attr, arg-type]
+    return max(0, num_layers - cfg.last_layers)
+
+
 def _is_trainable(name: str, variant: str) -> bool:
     if variant == "ffa":
         return "lora_B" in name

@@ -117,6 +117,7 @@ class Recommender:
         max_item_tokens: int,
         max_history_tokens: int,
         temperature: float,
+        frozen_layers: int = 0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -135,6 +136,14 @@ class Recommender:
                     f"{key}={budget} leaves no room for the text: the instruction alone takes "
                     f"{fixed} tokens with this tokenizer; use at least {fixed + MIN_VARIABLE_TOKENS}"
                 )
+        # Blocks below the first adapted one never change: their output for a catalogue item is
+        # computed once and reused, and only the adapted blocks run per step (see _split).
+        self.frozen_layers = frozen_layers
+        self._item_trunk: dict[tuple[int, ...], torch.Tensor] = {}
+        if frozen_layers and not self._split_is_exact():
+            log.warning("this model does not support running its top blocks alone; "
+                        "falling back to full forward passes (slower, same results)")
+            self.frozen_layers = 0
 
     @property
     def device(self) -> torch.device:
@@ -180,8 +189,17 @@ class Recommender:
         return self._fit(template, "; ".join(titles), self.max_history_tokens, keep_end=True)
 
     # --- encoding ------------------------------------------------------------------------
-    def encode_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
-        """(N, H) L2-normalised last-token states; differentiable when grad is enabled."""
+    def encode_ids(self, sequences: Sequence[Sequence[int]], *, cache: bool = False) -> torch.Tensor:
+        """(N, H) L2-normalised last-token states; differentiable when grad is enabled.
+
+        With `frozen_layers`, the frozen blocks run without gradient (their states for `cache`d
+        sequences are kept) and only the adapted blocks run here; the result is the same.
+        """
+        if self.frozen_layers:
+            return self._head(self._trunk(sequences, cache=cache))
+        return self._full(sequences)
+
+    def _full(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         longest = max(len(s) for s in sequences)
         pad = int(self.tokenizer.pad_token_id)  # type: ignore[attr-defined]
         ids = torch.full((len(sequences), longest), pad, dtype=torch.long)
@@ -198,13 +216,83 @@ class Recommender:
         return F.normalize(pooled.float(), dim=-1)
 
     def encode_items(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.encode_ids([self.item_ids(t) for t in texts])
+        return self.encode_ids([self.item_ids(t) for t in texts], cache=True)
 
     def encode_users(
         self, histories: Sequence[Sequence[str]], texts: Sequence[str | None] | None = None
     ) -> torch.Tensor:
         texts = texts if texts is not None else [None] * len(histories)
         return self.encode_ids([self.user_ids(h, t) for h, t in zip(histories, texts, strict=True)])
+
+    # --- running the frozen trunk and the adapted head separately ------------------------
+    def _decoder(self) -> torch.nn.Module:
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return inner.get_decoder()  # type: ignore[operator, no-any-return]
+
+    @torch.no_grad()
+    def _trunk(self, sequences: Sequence[Sequence[int]], *, cache: bool) -> list[torch.Tensor]:
+        """Input states of the first adapted block, (T_i, H) per sequence."""
+        keys = [tuple(s) for s in sequences]
+        todo = sorted({k for k in keys if not (cache and k in self._item_trunk)})
+        computed: dict[tuple[int, ...], torch.Tensor] = {}
+        if todo:
+            captured: list[torch.Tensor] = []
+
+            def grab(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                captured.append(args[0] if args else kwargs["hidden_states"])
+                raise _StopForward
+
+            first_adapted = self._decoder().layers[self.frozen_layers]  # type: ignore[index]
+            handle = first_adapted.register_forward_pre_hook(grab, with_kwargs=True)
+            try:
+                self._full(todo)
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
+            for row, key in enumerate(todo):
+                computed[key] = captured[0][row, : len(key)].detach()
+            if cache:
+                self._item_trunk.update(computed)
+        source = self._item_trunk if cache else computed
+        return [source[k] for k in keys]
+
+    def _head(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Run only the adapted blocks on trunk states; (N, H) pooled and normalised."""
+        longest = max(s.shape[0] for s in states)
+        hidden = torch.zeros((len(states), longest, states[0].shape[-1]), dtype=states[0].dtype,
+                             device=self.device)
+        mask = torch.zeros((len(states), longest), dtype=torch.long, device=self.device)
+        for row, s in enumerate(states):
+            hidden[row, : s.shape[0]] = s
+            mask[row, : s.shape[0]] = 1
+        decoder = self._decoder()
+        layers = decoder.layers
+        decoder.layers = torch.nn.ModuleList(list(layers)[self.frozen_layers :])  # type: ignore[arg-type]
+        try:
+            out = self.model(inputs_embeds=hidden, attention_mask=mask, output_hidden_states=True,
+                             use_cache=False, logits_to_keep=1)
+        finally:
+            decoder.layers = layers
+        final = out.hidden_states[-1]  # (N, T, H)
+        last = mask.sum(dim=1) - 1
+        pooled = final[torch.arange(final.shape[0], device=final.device), last]
+        return F.normalize(pooled.float(), dim=-1)
+
+    @torch.no_grad()
+    def _split_is_exact(self) -> bool:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ids = [self.item_ids("Split check: Toy Story (1995) | Animation"), self.item_ids("Heat")]
+            full = self._full(ids)
+            split = self._head(self._trunk(ids, cache=False))
+            return bool(torch.allclose(full, split, atol=1e-4))
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not use the split
+            log.debug("split check failed: %s", exc)
+            return False
+        finally:
+            self.model.train(was_training)
 
     @torch.no_grad()
     def encode_all(self, fn_inputs: Sequence, *, users: bool, batch_size: int) -> torch.Tensor:
@@ -222,6 +310,10 @@ class Recommender:
     def logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """(U, H) x (I, H) -> (U, I) scores = cosine / τ."""
         return users @ items.T / self.temperature
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the trunk's output is captured."""
 
 
 # --- on-disk cache of catalogue vectors ------------------------------------------------------

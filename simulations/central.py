@@ -24,7 +24,14 @@ from fedrec.common.evaluation import (
     popularity_counts,
     prior_scores,
 )
-from fedrec.common.lora import adapter_state, attach_lora, load_adapter, save_adapter, tensors_digest
+from fedrec.common.lora import (
+    adapter_state,
+    attach_lora,
+    frozen_layer_count,
+    load_adapter,
+    save_adapter,
+    tensors_digest,
+)
 from fedrec.common.model import BaseModel, Recommender, item_vectors_cached, load_base_model, pick_device
 from fedrec.common.privacy import (
     PrivacyAccountant,
@@ -194,6 +201,7 @@ def _recommender(ctx: Context) -> Recommender:
         ctx.rec = Recommender(
             model, base.tokenizer, max_item_tokens=cfg.model.max_item_tokens,
             max_history_tokens=cfg.model.max_history_tokens, temperature=cfg.train.temperature,
+            frozen_layers=frozen_layer_count(base.model, cfg.lora),
         )
         ctx.init_adapter = adapter_state(model)
     load_adapter(ctx.rec.model, ctx.init_adapter, source="initial adapter")  # type: ignore[arg-type]

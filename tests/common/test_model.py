@@ -74,8 +74,32 @@ def test_item_vector_cache_hits_and_keys_on_adapter(tiny_model, tiny_tokenizer, 
 
 def test_token_budget_too_small_is_a_config_error(tiny_model, tiny_tokenizer) -> None:
     import pytest
-
     from fedrec.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model.max_item_tokens=10"):
         Recommender(tiny_model, tiny_tokenizer, max_item_tokens=10, max_history_tokens=200, temperature=0.1)
+
+
+def test_running_only_the_adapted_blocks_gives_the_same_vectors(make_model, tiny_tokenizer) -> None:
+    def rec(frozen: int) -> Recommender:
+        model = attach_lora(make_model(), LoraConfig(rank=4, last_layers=1), seed=1)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.2)
+        return Recommender(model, tiny_tokenizer, max_item_tokens=48, max_history_tokens=128,
+                           temperature=0.1, frozen_layers=frozen)
+
+    full, split = rec(0), rec(1)
+    texts = ["Toy Story (1995)", "Heat (1995) | Action, Crime, Thriller"]
+
+    assert split.frozen_layers == 1  # the exactness check passed
+    assert torch.allclose(full.encode_items(texts), split.encode_items(texts), atol=1e-5)
+    assert torch.allclose(split.encode_items(texts), split.encode_items(texts))  # served from cache
+    assert len(split._item_trunk) == 2
+    users = [["Toy Story (1995)", "Heat (1995)"]]
+    assert torch.allclose(full.encode_users(users), split.encode_users(users), atol=1e-5)
+    loss = split.encode_items(texts).sum() + split.encode_users(users).sum()
+    loss.backward()  # gradients reach the adapted block through the split path
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in split.model.named_parameters() if "lora_" in n)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -226,8 +227,9 @@ class Recommender:
 
     # --- running the frozen trunk and the adapted head separately ------------------------
     def _decoder(self) -> torch.nn.Module:
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return inner.get_decoder()  # type: ignore[operator, no-any-return]
+        model: Any = self.model
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return inner.get_decoder()  # type: ignore[no-any-return]
 
     @torch.no_grad()
     def _trunk(self, sequences: Sequence[Sequence[int]], *, cache: bool) -> list[torch.Tensor]:
@@ -242,7 +244,8 @@ class Recommender:
                 captured.append(args[0] if args else kwargs["hidden_states"])
                 raise _StopForward
 
-            first_adapted = self._decoder().layers[self.frozen_layers]  # type: ignore[index]
+            layers: Any = self._decoder().layers
+            first_adapted: torch.nn.Module = layers[self.frozen_layers]
             handle = first_adapted.register_forward_pre_hook(grab, with_kwargs=True)
             try:
                 self._full(todo)

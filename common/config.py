@@ -107,7 +107,8 @@ class PrivacyConfig:
 @dataclass(frozen=True)
 class PriorConfig:
     enabled: bool = True  # blend the LLM score with private item popularity
-    weight: float = 1.0  # β in score = LLM + β·log(1 + noisy count)
+    weight: float = 1.0  # β in score = LLM + β·log(1 + noisy count), unless tuned
+    tune_weight: bool = True  # choose β on the validation users from WEIGHT_GRID
     clip_norm: float = 1.0  # per-user L2 bound on the 0/1 item vector
     noise_multiplier: float = 5.0  # σ of the counts release, spent from the same budget
 

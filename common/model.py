@@ -22,6 +22,7 @@ from fedrec.common.assets import ModelFiles, resolve_model
 from fedrec.common.config import ModelConfig
 from fedrec.common.errors import AssetError, ConfigError
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 log = logging.getLogger(__name__)
@@ -298,13 +299,15 @@ class Recommender:
             self.model.train(was_training)
 
     @torch.no_grad()
-    def encode_all(self, fn_inputs: Sequence, *, users: bool, batch_size: int) -> torch.Tensor:
-        """Encode many users or items in batches without gradients; (N, H) on CPU."""
+    def encode_all(self, inputs: Sequence, *, users: bool, batch_size: int) -> torch.Tensor:
+        """Encode many users (title lists) or items (texts) without gradients; (N, H) on CPU."""
         was_training = self.model.training
         self.model.eval()
         chunks = []
-        for start in range(0, len(fn_inputs), batch_size):
-            part = fn_inputs[start : start + batch_size]
+        starts = range(0, len(inputs), batch_size)
+        desc = "encode users" if users else "encode items"
+        for start in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 4):
+            part = inputs[start : start + batch_size]
             vecs = self.encode_users(part) if users else self.encode_items(part)
             chunks.append(vecs.cpu())
         self.model.train(was_training)

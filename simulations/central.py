@@ -14,7 +14,7 @@ import torch
 from fedrec.client.train import DPSettings, LocalTrainer, steps_for_epochs
 from fedrec.common.assets import resolve_dataset
 from fedrec.common.config import Config
-from fedrec.common.data import Dataset, Split, leave_one_out, load_dataset
+from fedrec.common.data import Dataset, Split, leave_one_out, load_dataset, restrict_split
 from fedrec.common.errors import ConfigError
 from fedrec.common.evaluation import (
     EvalUsers,
@@ -82,11 +82,7 @@ def prepare(cfg: Config, sources: Sources, run: RunDir) -> Context:
     if 0 < cfg.data.max_users < len(users):
         rng = np.random.default_rng(cfg.train.seed)
         users = sorted(rng.choice(users, size=cfg.data.max_users, replace=False).tolist())
-    split = Split(
-        train={u: split.train[u] for u in users},
-        valid={u: split.valid[u] for u in users if u in split.valid},
-        test={u: split.test[u] for u in users if u in split.test},
-    )
+    split = restrict_split(split, users)
     delta = cfg.privacy.delta if cfg.privacy.delta is not None else default_delta(len(users))
     check_delta(delta, len(users))
     log.info("data: %s, %d users, %d items", dataset.name, len(users), len(dataset.item_ids))
@@ -294,13 +290,35 @@ def _fused_rows(
     ctx.run.write_json(f"{method}/final/metrics.json", {"test": alone})
     if counts is None or not ctx.cfg.prior.enabled:
         return [_row(ctx, method, alone, epsilon=epsilon, seconds=seconds)]
-    fused = evaluate(scores, ctx.test, prior=prior_scores(counts, ctx.cfg.prior.weight),
-                     ks=ctx.cfg.eval.ks)
-    ctx.run.write_json(f"{method}/final/metrics.json", {"test": fused, "test_llm_only": alone})
+    beta = _prior_weight(ctx, rec, counts)
+    fused = evaluate(scores, ctx.test, prior=prior_scores(counts, beta), ks=ctx.cfg.eval.ks)
+    ctx.run.write_json(f"{method}/final/metrics.json",
+                       {"test": fused, "test_llm_only": alone, "prior_weight": beta})
     return [
-        _row(ctx, method, fused, epsilon=epsilon, seconds=seconds),
+        _row(ctx, method, fused, epsilon=epsilon, seconds=seconds) | {"prior_weight": beta},
         _row(ctx, f"{method}-llm-only", alone, epsilon=epsilon, seconds=seconds),
     ]
+
+
+WEIGHT_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def _prior_weight(ctx: Context, rec: Recommender, counts: np.ndarray) -> float:
+    """β from the config, or the grid value with the best validation NDCG (first K).
+
+    Choosing β on validation users is a data-dependent choice outside the ε guarantee, like
+    any hyperparameter search; set prior.tune_weight = false to fix β in advance.
+    """
+    if not ctx.cfg.prior.tune_weight:
+        return ctx.cfg.prior.weight
+    scores = _scores(ctx, rec, ctx.valid)
+    key = f"ndcg@{ctx.cfg.eval.ks[0]}"
+    results = {b: evaluate(scores, ctx.valid, prior=prior_scores(counts, b), ks=ctx.cfg.eval.ks)[key]
+               for b in WEIGHT_GRID}
+    best = max(WEIGHT_GRID, key=lambda b: (results[b], -b))
+    log.info("prior weight β=%s (validation %s by β: %s)", best, key,
+             {b: round(v, 4) for b, v in results.items()})
+    return best
 
 
 def _row(

@@ -26,14 +26,16 @@ def measure(mode: str, model_name: str, batch: int, steps: int) -> dict:
     from fedrec.client.train import DPSettings, LocalTrainer
     from fedrec.common.assets import default_cache_dir
     from fedrec.common.config import LoraConfig, ModelConfig
-    from fedrec.common.lora import attach_lora
+    from fedrec.common.lora import attach_lora, frozen_layer_count
     from fedrec.common.model import Recommender, load_base_model, pick_device
     from fedrec.common.privacy import PrivacyAccountant
 
     base = load_base_model(ModelConfig(name=model_name), cache_dir=default_cache_dir())
     device = pick_device("auto")
-    model = attach_lora(base.model, LoraConfig()).to(device)
-    rec = Recommender(model, base.tokenizer, max_item_tokens=32, max_history_tokens=256, temperature=0.05)
+    lora = LoraConfig()
+    model = attach_lora(base.model, lora).to(device)
+    rec = Recommender(model, base.tokenizer, max_item_tokens=32, max_history_tokens=256, temperature=0.05,
+                      frozen_layers=frozen_layer_count(base.model, lora))
     titles = [f"Movie number {i} ({1950 + i % 50})" for i in range(500)]
     texts = [f"{t} | Drama, Comedy" for t in titles]
     rng = np.random.default_rng(0)

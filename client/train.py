@@ -119,6 +119,7 @@ class LocalTrainer:
         seed: int,
         dp: DPSettings | None = None,
         accountant: PrivacyAccountant | None = None,
+        proximal_mu: float = 0.0,
     ) -> None:
         self.rec = rec
         self.item_titles, self.item_texts = item_titles, item_texts
@@ -130,6 +131,10 @@ class LocalTrainer:
         if not self.params:
             raise ValueError("the model has no trainable (LoRA) parameters")
         self.dp = dp
+        # FedProx: after each step pull the weights towards the round's starting point,
+        # w <- w - lr·mu·(w - w0). It depends on no data, so under DP it is post-processing.
+        self.lr, self.proximal_mu = lr, proximal_mu
+        self.anchor = [p.detach().clone() for p in self.params] if proximal_mu > 0 else None
         base = torch.optim.Adam(self.params, lr=lr)
         self.optimizer: torch.optim.Optimizer = base
         if dp is not None:
@@ -174,12 +179,21 @@ class LocalTrainer:
             loss = example_losses(self.rec, examples, self.item_titles, self.item_texts).mean()
             loss.backward()
             self.optimizer.step()
+            self._proximal()
             return loss.item()
         grads, mean_loss = self._dp_grads(examples)
         for p, g in zip(self.params, grads, strict=True):
             p.grad_sample = g  # type: ignore[attr-defined]
         self.optimizer.step()  # Opacus: clip each user, sum, add N(0, σ²C²), divide by E[B]
+        self._proximal()
         return mean_loss if examples else float("nan")
+
+    @torch.no_grad()
+    def _proximal(self) -> None:
+        if self.anchor is None:
+            return
+        for p, w0 in zip(self.params, self.anchor, strict=True):
+            p.sub_(self.lr * self.proximal_mu * (p - w0))
 
     def _dp_grads(self, examples: Sequence[Example]) -> tuple[list[torch.Tensor], float]:
         if examples:

@@ -71,7 +71,7 @@ class LoraConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     methods: tuple[str, ...] = CENTRAL_METHODS  # what `fedrec train-central` runs, in order
-    epochs: float = 1.0  # passes over the users (expected, under Poisson sampling)
+    epochs: float = 3.0  # passes over the users (expected, under Poisson sampling)
     batch_size: int = 16  # expected users per step
     lr: float = 3e-3
     negatives: int = 15  # uniformly sampled negatives per user and step
@@ -95,9 +95,14 @@ class PrivacyConfig:
     clip_norm: float = 1.0  # per-user L2 bound on the LoRA gradient
     accountant: str = "rdp"  # rdp | prv
     secure_rng: bool = False
+    # None: calibrate σ so the whole plan (prior release + every round) spends target_epsilon;
+    # a number: use this σ as is (each client still refuses rounds beyond its own budget)
+    noise_multiplier: float | None = None
 
     def __post_init__(self) -> None:
         _positive("privacy.target_epsilon", self.target_epsilon)
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
+            raise ConfigError(f"privacy.noise_multiplier={self.noise_multiplier} must be >= 0")
         _positive("privacy.clip_norm", self.clip_norm)
         _choice("privacy.accountant", self.accountant, ("rdp", "prv"))
         if self.delta is not None and not 0.0 < self.delta < 1.0:
@@ -108,7 +113,7 @@ class PrivacyConfig:
 class PriorConfig:
     enabled: bool = True  # blend the LLM score with private item popularity
     weight: float = 1.0  # β in score = LLM + β·log(1 + noisy count), unless tuned
-    tune_weight: bool = True  # choose β on the validation users from WEIGHT_GRID
+    tune_weight: bool = True  # choose β on the validation users from PRIOR_WEIGHTS (common/evaluation.py)
     clip_norm: float = 1.0  # per-user L2 bound on the 0/1 item vector
     noise_multiplier: float = 5.0  # σ of the counts release, spent from the same budget
 
@@ -131,6 +136,47 @@ class EvalConfig:
         _positive("eval.batch_size", self.batch_size)
 
 
+FED_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    clients: int = 3  # simulated clients (iid/dirichlet); attribute/mapping schemes define their own
+    partition: str = "iid"  # iid | dirichlet | attribute | mapping
+    alpha: float = 0.5  # dirichlet concentration
+    attribute: str | None = None  # user attribute for dirichlet/attribute (None: dominant genre)
+    mapping_file: str | None = None  # user_id,client CSV for partition = "mapping"
+    rounds: int = 3
+    local_epochs: float = 1.0  # expected passes over the client's users per round
+    strategy: str = "fedavg"  # fedavg | fedprox | fedadam (Flower's strategies)
+    weighting: str = "users"  # users: weight by the client's user count | uniform
+    proximal_mu: float = 0.01  # fedprox only
+    server_lr: float = 0.1  # fedadam only (eta)
+    dp: bool = True  # user-level DP-SGD at every client (false: plain local training)
+    # Budgets of the simulated clients: their own local setting, never sent by the server.
+    # client name -> ε; clients not named get privacy.target_epsilon.
+    client_budgets: dict[str, float] = field(default_factory=dict)
+    num_cpus: float = 2.0  # CPU cores per simulated client (2 on a 2-core machine: one at a time)
+    num_gpus: float = 0.0  # GPU share per simulated client
+    timeout: float = 3600.0  # seconds the server waits for replies in one round
+
+    def __post_init__(self) -> None:
+        _positive("fed.clients", self.clients)
+        _choice("fed.partition", self.partition, ("iid", "dirichlet", "attribute", "mapping"))
+        _positive("fed.alpha", self.alpha)
+        _positive("fed.rounds", self.rounds)
+        _positive("fed.local_epochs", self.local_epochs)
+        _choice("fed.strategy", self.strategy, FED_STRATEGIES)
+        _choice("fed.weighting", self.weighting, ("users", "uniform"))
+        if self.proximal_mu < 0:
+            raise ConfigError(f"fed.proximal_mu={self.proximal_mu} must be >= 0")
+        _positive("fed.server_lr", self.server_lr)
+        for name, eps in self.client_budgets.items():
+            _positive(f"fed.client_budgets.{name}", eps)
+        _positive("fed.num_cpus", self.num_cpus)
+        _positive("fed.timeout", self.timeout)
+
+
 @dataclass(frozen=True)
 class Config:
     name: str = "central"
@@ -141,6 +187,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    fed: FederatedConfig = field(default_factory=FederatedConfig)
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -182,6 +229,9 @@ def to_dict(config: Any) -> dict[str, Any]:
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
             out[f.name] = to_dict(value)
+        elif isinstance(value, dict):
+            if value:
+                out[f.name] = dict(value)
         elif value is not None:
             out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
@@ -197,6 +247,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a table of name = value, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -235,3 +289,38 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def _positive(key: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{key}={value} must be > 0")
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> Config:
+    """A Config from Flower's flat run_config ({"fed.rounds": 3, ...}); keys outside it are ignored.
+
+    Flower flattens `[tool.flwr.app.config]` tables into dotted keys; "name" and the sections of
+    Config are read, other keys (e.g. "output") belong to the app and are left to it.
+    """
+    sections = {f.name for f in dataclasses.fields(Config)}
+    raw: dict[str, Any] = {}
+    for key, value in run_config.items():
+        head, _, rest = key.partition(".")
+        if head not in sections:
+            continue
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value if not isinstance(value, str) or value != "" else None
+    return from_dict(Config, raw)
+
+
+def to_run_config(config: Config) -> dict[str, Any]:
+    """The flat, dotted form of `config` (the inverse of from_run_config)."""
+
+    def flat(prefix: str, node: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                out |= flat(f"{prefix}{key}.", value)
+            else:
+                out[prefix + key] = value
+        return out
+
+    return flat("", to_dict(config))

@@ -476,6 +476,15 @@ def restrict_split(split: Split, users: Iterable[str]) -> Split:
     )
 
 
+def sample_users(split: Split, max_users: int, seed: int) -> Split:
+    """A reduced-scale split: `max_users` users drawn without replacement (0: everyone)."""
+    users = sorted(split.train)
+    if 0 < max_users < len(users):
+        rng = np.random.default_rng(seed)
+        users = sorted(rng.choice(users, size=max_users, replace=False).tolist())
+    return restrict_split(split, users)
+
+
 def client_datasets(split: Split, assignment: Mapping[str, str]) -> dict[str, Split]:
     """Client name -> the split restricted to that client's users (clients in name order)."""
     missing = [u for u in split.train if u not in assignment]

@@ -43,6 +43,10 @@ def eval_users(split: Split, *, which: str, users: Sequence[str] | None = None) 
     return EvalUsers(tuple(ids), tuple(histories), np.array([targets[u] for u in ids], dtype=np.int64))
 
 
+# β values tried on the validation users when prior.tune_weight is on
+PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
 def prior_scores(counts: np.ndarray | None, weight: float) -> np.ndarray | None:
     """β·log(1 + max(count, 0)): the popularity prior blended into the LLM score."""
     if counts is None or weight == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from fedrec.common.assets import ModelFiles, resolve_model
-from fedrec.common.config import ModelConfig
+from fedrec.common.config import Config, ModelConfig
 from fedrec.common.errors import AssetError, ConfigError
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +50,15 @@ class BaseModel:
     source: str
 
 
+TINY_MODEL = "tiny-random"  # a 2-block random Llama built in code: smoke runs and CI, no download
+
+
 def load_base_model(cfg: ModelConfig, *, cache_dir: Path, offline: bool = False) -> BaseModel:
     """Load the frozen base LM and tokenizer from a known name, hub id, local dir or .gguf."""
+    if cfg.name == TINY_MODEL:
+        tiny_tok = tiny_tokenizer()
+        tiny = tiny_llama(len(tiny_tok))
+        return BaseModel(tiny, tiny_tok, fingerprint=model_fingerprint(tiny), source=TINY_MODEL)
     files = resolve_model(cfg.name, cache_dir=cache_dir, offline=offline)
     directory, gguf = _converted(files, cache_dir)
     dtype = getattr(torch, cfg.dtype)
@@ -57,6 +73,43 @@ def load_base_model(cfg: ModelConfig, *, cache_dir: Path, offline: bool = False)
     for p in model.parameters():
         p.requires_grad = False
     return BaseModel(model, tokenizer, fingerprint=model_fingerprint(model), source=files.source)
+
+
+_TINY_CORPUS = [
+    "Item: Toy Story (1995) | Animation, Children's, Comedy",
+    "A user recently liked: GoldenEye (1995); Star Wars (1977); Heat (1995)",
+    "In one word, the next item they will like is:",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 ()|;:,.'-",
+]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (300 tokens) trained in code on a fixed corpus: deterministic."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TINY_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    """A frozen 2-block Llama (hidden 32) with seeded random weights."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(cfg)
+    torch.random.set_rng_state(generator_state)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad = False
+    return model
 
 
 def _converted_path(files: ModelFiles, cache_dir: Path) -> Path:
@@ -345,7 +398,33 @@ def item_vectors_cached(
     vectors = recommender.encode_all(list(texts), users=False, batch_size=batch_size)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent simulated clients
         save_file({"vectors": vectors.contiguous()}, str(tmp))
         tmp.replace(path)
     return vectors
+
+
+# --- the whole recommender from settings ----------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    """A base model with its LoRA attached, the recommender over it, and the initial adapter."""
+
+    base: BaseModel
+    rec: Recommender
+    initial_adapter: dict[str, torch.Tensor]
+
+
+def build_recommender(cfg: Config, *, cache_dir: Path, offline: bool = False) -> Loaded:
+    """Load the base LM, attach LoRA (seeded by train.seed, so every party starts identical)."""
+    from fedrec.common.lora import adapter_state, attach_lora, frozen_layer_count
+
+    base = load_base_model(cfg.model, cache_dir=cache_dir, offline=offline)
+    model = attach_lora(base.model, cfg.lora, seed=cfg.train.seed).to(pick_device(cfg.model.device))
+    rec = Recommender(
+        model, base.tokenizer, max_item_tokens=cfg.model.max_item_tokens,
+        max_history_tokens=cfg.model.max_history_tokens, temperature=cfg.train.temperature,
+        frozen_layers=frozen_layer_count(base.model, cfg.lora),
+    )
+    return Loaded(base, rec, adapter_state(model))

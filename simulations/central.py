@@ -14,9 +14,10 @@ import torch
 from fedrec.client.train import DPSettings, LocalTrainer, steps_for_epochs
 from fedrec.common.assets import resolve_dataset
 from fedrec.common.config import Config
-from fedrec.common.data import Dataset, Split, leave_one_out, load_dataset, restrict_split
+from fedrec.common.data import Dataset, Split, leave_one_out, load_dataset, sample_users
 from fedrec.common.errors import ConfigError
 from fedrec.common.evaluation import (
+    PRIOR_WEIGHTS,
     EvalUsers,
     eval_users,
     evaluate,
@@ -78,11 +79,8 @@ def prepare(cfg: Config, sources: Sources, run: RunDir) -> Context:
     path = resolve_dataset(cfg.data.dataset, cache_dir=sources.cache_dir, offline=sources.offline)
     dataset = load_dataset(path, fmt=cfg.data.format, rating_threshold=cfg.data.rating_threshold)
     split = leave_one_out(dataset)
+    split = sample_users(split, cfg.data.max_users, cfg.train.seed)
     users = sorted(split.train)
-    if 0 < cfg.data.max_users < len(users):
-        rng = np.random.default_rng(cfg.train.seed)
-        users = sorted(rng.choice(users, size=cfg.data.max_users, replace=False).tolist())
-    split = restrict_split(split, users)
     delta = cfg.privacy.delta if cfg.privacy.delta is not None else default_delta(len(users))
     check_delta(delta, len(users))
     log.info("data: %s, %d users, %d items", dataset.name, len(users), len(dataset.item_ids))
@@ -300,9 +298,6 @@ def _fused_rows(
     ]
 
 
-WEIGHT_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
-
-
 def _prior_weight(ctx: Context, rec: Recommender, counts: np.ndarray) -> float:
     """β from the config, or the grid value with the best validation NDCG (first K).
 
@@ -314,8 +309,8 @@ def _prior_weight(ctx: Context, rec: Recommender, counts: np.ndarray) -> float:
     scores = _scores(ctx, rec, ctx.valid)
     key = f"ndcg@{ctx.cfg.eval.ks[0]}"
     results = {b: evaluate(scores, ctx.valid, prior=prior_scores(counts, b), ks=ctx.cfg.eval.ks)[key]
-               for b in WEIGHT_GRID}
-    best = max(WEIGHT_GRID, key=lambda b: (results[b], -b))
+               for b in PRIOR_WEIGHTS}
+    best = max(PRIOR_WEIGHTS, key=lambda b: (results[b], -b))
     log.info("prior weight β=%s (validation %s by β: %s)", best, key,
              {b: round(v, 4) for b, v in results.items()})
     return best

@@ -1,0 +1,147 @@
+"""The Flower ClientApp: translates messages to and from client/local.py, nothing more.
+
+Replies carry only LoRA tensors (or the noisy item counts of the prior release), scalar metrics
+and a status; no user ids, no item ids, no base-model tensors.
+
+Where a client's settings come from (its own, never the server's message):
+- `fedrec simulate` passes each simulated client's settings to `make_client_app`;
+- a deployed SuperNode sets them in its node config, e.g. `flower-supernode --node-config
+  "client-name='hospital-a' epsilon-budget=8.0 state-dir='/var/lib/fedrec' data='/data/a'"`;
+- `flwr run .` on the local simulation federation (no node config beyond partition-id) falls back
+  to the app config: each simulated node gets privacy.target_epsilon.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fedrec.client.local import (
+    ClientJob,
+    LocalSettings,
+    Outcome,
+    RoundRequest,
+    load_split,
+    require_budget,
+    simulated_clients,
+)
+from fedrec.common.assets import default_cache_dir, default_offline
+from fedrec.common.config import Config, from_run_config
+from fedrec.common.data import leave_one_out, load_dataset
+from fedrec.common.errors import ConfigError
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+log = logging.getLogger(__name__)
+
+SettingsFn = Callable[[Context], tuple[Config, LocalSettings]]
+
+_JOBS: dict[tuple[Any, ...], ClientJob] = {}  # one job (model + data) per process and client
+
+
+def make_client_app(settings: SettingsFn | None = None) -> ClientApp:
+    """A ClientApp whose clients get their config and local settings from `settings(context)`."""
+    settings = settings or settings_from_context
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        job = _job(*settings(context), context)
+        req = _request(msg.content["config"])
+        outcome = job.train(_tensors(msg), req)
+        return _reply(msg, outcome, job.local.name)
+
+    @app.query("prior")
+    def prior(msg: Message, context: Context) -> Message:
+        job = _job(*settings(context), context)
+        outcome = job.prior_counts(_request(msg.content["config"]))
+        return _reply(msg, outcome, job.local.name)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        job = _job(*settings(context), context)
+        config = msg.content["config"]
+        counts = msg.content.array_records.get("prior")
+        outcome = job.evaluate(
+            _tensors(msg), which=str(config["split"]),
+            counts=None if counts is None else counts["counts"].numpy().astype(np.float64),
+            betas=[float(b) for b in config.get("betas", [])],  # type: ignore[union-attr]
+        )
+        return _reply(msg, outcome, job.local.name)
+
+    return app
+
+
+def settings_from_context(context: Context) -> tuple[Config, LocalSettings]:
+    """Config from the app's run_config; the client's own settings from its node config."""
+    cfg = from_run_config(context.run_config)
+    node = context.node_config
+    cache_dir = Path(str(node.get("cache-dir", ""))) if node.get("cache-dir") else default_cache_dir()
+    if "epsilon-budget" in node:
+        budget = require_budget(node["epsilon-budget"], "node config epsilon-budget")
+    elif "partition-id" in node:  # a simulated node without local settings: the app's default
+        budget = cfg.privacy.target_epsilon
+    else:
+        raise ConfigError("this SuperNode has no epsilon-budget in its node config; a client sets "
+                          "its own budget, e.g. --node-config \"epsilon-budget=8.0\"")
+    name = str(node.get("client-name", f"client-{node.get('partition-id', 0)}"))
+    state_dir = Path(str(node.get("state-dir", Path("fedrec-client-state") / name)))
+    delta = float(node["delta"]) if "delta" in node else None  # type: ignore[arg-type]
+    return cfg, LocalSettings(name, state_dir, budget, delta, cache_dir, bool(default_offline()))
+
+
+def _job(cfg: Config, local: LocalSettings, context: Context) -> ClientJob:
+    key = (id(cfg), local, context.node_config.get("partition-id"), context.node_config.get("data"))
+    job = _JOBS.get(key)
+    if job is None:
+        job = ClientJob(cfg, local, *_client_data(cfg, local, context))
+        _JOBS.clear()  # at most one client's model and data per process: memory stays flat
+        _JOBS[key] = job
+    return job
+
+
+def _client_data(cfg: Config, local: LocalSettings, context: Context):  # type: ignore[no-untyped-def]
+    """A deployed client reads its own files; a simulated one takes its partition of the data set."""
+    node = context.node_config
+    if "data" in node:
+        path = Path(str(node["data"]))
+        dataset = load_dataset(path, fmt=cfg.data.format, rating_threshold=cfg.data.rating_threshold)
+        return dataset, leave_one_out(dataset)
+    dataset, split = load_split(cfg, cache_dir=local.cache_dir, offline=local.offline)
+    clients = simulated_clients(cfg, dataset, split)
+    if local.name not in clients:
+        names = sorted(clients)
+        pid = int(node.get("partition-id", -1))  # type: ignore[call-overload]
+        if not 0 <= pid < len(names):
+            raise ConfigError(f"client {local.name!r} is not one of the {len(names)} partitions")
+        return dataset, clients[names[pid]]
+    return dataset, clients[local.name]
+
+
+def _request(config: Mapping[str, Any]) -> RoundRequest:
+    return RoundRequest(
+        run_id=str(config["run-id"]), round=int(config["server-round"]),
+        num_rounds=int(config["num-rounds"]), local_epochs=float(config["local-epochs"]),
+        lr=float(config["lr"]), proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+
+
+def _tensors(msg: Message) -> dict[str, torch.Tensor]:
+    return msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+
+
+def _reply(msg: Message, outcome: Outcome, name: str) -> Message:
+    content = RecordDict({
+        "metrics": MetricRecord(outcome.metrics),  # type: ignore[arg-type]
+        "status": ConfigRecord({"status": outcome.status, "reason": outcome.reason, "client": name}),
+    })
+    if outcome.tensors:
+        content["arrays"] = ArrayRecord(torch_state_dict=outcome.tensors)
+    return Message(content=content, reply_to=msg)
+
+
+app = make_client_app()  # `flwr run .` (pyproject [tool.flwr.app.components])

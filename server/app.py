@@ -1,0 +1,395 @@
+"""The Flower ServerApp: rounds of DP training at the clients, aggregation, evaluation, checkpoints.
+
+The round loop is ours (Flower's `Strategy.start` cannot resume); configuration and aggregation
+are Flower's strategies (server/strategy.py). Every round ends with a checkpoint that holds
+everything needed to resume: the global adapter, the strategy's state, the prior counts, and
+the run's history (rounds and the ledger lines the clients reported). A resumed run keeps the
+same run id, so a client asked again for a round it already answered re-sends its stored reply
+instead of spending budget twice (client/state.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fedrec.common.config import Config, from_run_config, to_dict
+from fedrec.common.errors import AdapterError, ConfigError
+from fedrec.common.evaluation import PRIOR_WEIGHTS
+from fedrec.common.lora import save_adapter, validate_adapter
+from fedrec.common.model import build_recommender
+from fedrec.common.rundir import RunDir
+from fedrec.server.strategy import aggregate, load_strategy_state, make_strategy, strategy_state, to_record
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    """What a checkpoint holds besides tensors."""
+
+    run_id: str
+    round: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per round
+    ledgers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # client -> lines
+    counts: np.ndarray | None = None  # summed noisy item counts of the prior release
+
+
+@dataclass(frozen=True)
+class Reply:
+    client: str
+    status: str
+    reason: str
+    metrics: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    bytes_up: int
+
+
+def run_server(
+    grid: Grid, cfg: Config, out: Path, *, num_clients: int, resume: bool, cache_dir: Path,
+    offline: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) the federated rounds; write the run directory; return final metrics."""
+    run = RunDir(out)
+    state = _start_or_resume(run, cfg, resume)
+    loaded = build_recommender(cfg, cache_dir=cache_dir, offline=offline)
+    initial = loaded.initial_adapter
+    trainable_keys = sorted(k for k in initial if cfg.lora.variant != "ffa" or "lora_B" in k)
+    spec = {k: (tuple(initial[k].shape), initial[k].dtype) for k in trainable_keys}
+    strategy = make_strategy(cfg, num_clients=num_clients)
+    current = {k: initial[k] for k in trainable_keys}
+    if state.round > 0:
+        current, strategy_tensors = _load_checkpoint_tensors(run.root, state.round)
+        load_strategy_state(strategy, strategy_tensors)
+        log.info("resuming run %s after round %d", state.run_id, state.round)
+    model_bytes = sum(p.numel() * p.element_size() for p in loaded.base.model.parameters())
+    adapter_bytes = sum(t.numel() * t.element_size() for t in current.values())
+
+    if cfg.prior.enabled and state.counts is None:
+        state.counts = _prior_release(grid, cfg, state, num_clients)
+        _write_records(run, state)
+
+    for rnd in range(state.round + 1, cfg.fed.rounds + 1):
+        t0 = time.perf_counter()
+        config = ConfigRecord({
+            "run-id": state.run_id, "num-rounds": cfg.fed.rounds, "local-epochs": cfg.fed.local_epochs,
+            "lr": cfg.train.lr,
+        })
+        messages = strategy.configure_train(rnd, to_record(current), config, grid)
+        raw = list(grid.send_and_receive(messages, timeout=cfg.fed.timeout))
+        pairs, failures = _parse(raw, spec, rnd)
+        replies = [r for _, r in pairs]
+        trained = [r for r in replies if r.status == "ok"]
+        ok_messages = [m for m, r in pairs if r.status == "ok"]
+        merged = aggregate(strategy, rnd, ok_messages) if ok_messages else None
+        if merged is not None:
+            current = {k: merged[k].to(initial[k].dtype) for k in trainable_keys}
+        for r in trained:
+            if "ledger.epsilon" in r.metrics:
+                state.ledgers.setdefault(r.client, []).append(_ledger_line(rnd, "dp-sgd", r.metrics))
+        evaluation = _evaluate(grid, cfg, current, state, which="valid", num_clients=num_clients)
+        record = {
+            "round": rnd, "clients_ok": len(trained),
+            "clients_refused": sorted(r.client for r in replies if r.status == "over-budget"),
+            "clients_failed": failures, "aggregated": merged is not None,
+            "loss": _mean([r.metrics["loss"] for r in trained]),
+            "valid": evaluation, "epsilon": {r.client: r.metrics.get("epsilon", 0.0) for r in replies},
+            "bytes_up_per_client": _mean([r.bytes_up for r in trained]),
+            "bytes_down_per_client": adapter_bytes, "model_bytes": model_bytes,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        for r in replies:
+            if r.status != "ok":
+                log.warning("round %d: %s %s: %s", rnd, r.client, r.status, r.reason)
+        state.history.append(record)
+        state.round = rnd
+        _checkpoint(run.root, state, current, strategy_state(strategy))
+        _write_records(run, state)
+        _progress(record, cfg)
+
+    return _finish(run, grid, cfg, state, current, initial, num_clients)
+
+
+# --- rounds ----------------------------------------------------------------------------------
+
+
+def _prior_release(grid: Grid, cfg: Config, state: ServerState, num_clients: int) -> np.ndarray | None:
+    """Round 0: every client releases its noisy item counts once; the server sums them."""
+    config = ConfigRecord({"run-id": state.run_id, "server-round": 0, "num-rounds": cfg.fed.rounds,
+                           "local-epochs": cfg.fed.local_epochs, "lr": cfg.train.lr})
+    messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type="query.prior")
+                for n in _nodes(grid, num_clients)]
+    pairs, _ = _parse(list(grid.send_and_receive(messages, timeout=cfg.fed.timeout)), None, 0)
+    replies = [r for _, r in pairs]
+    total: np.ndarray | None = None
+    for r in replies:
+        if r.status != "ok":
+            log.warning("prior release: %s %s: %s", r.client, r.status, r.reason)
+            continue
+        counts = r.tensors["counts"].numpy().astype(np.float64)
+        total = counts if total is None else total + counts
+        state.ledgers.setdefault(r.client, []).append(_ledger_line(0, "prior-counts", r.metrics))
+    return total
+
+
+def _evaluate(
+    grid: Grid, cfg: Config, current: Mapping[str, torch.Tensor], state: ServerState, *, which: str,
+    num_clients: int, betas: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Federated evaluation: each client scores its own users; means weighted by user count."""
+    if betas is None:
+        tuned = PRIOR_WEIGHTS if cfg.prior.tune_weight else (cfg.prior.weight,)
+        betas = tuned if state.counts is not None else ()
+    config = ConfigRecord({"split": which})
+    if betas:
+        config["betas"] = [float(b) for b in betas]
+    content = RecordDict({"arrays": to_record(current), "config": config})
+    if state.counts is not None:
+        content["prior"] = _counts_record(state.counts)
+    messages = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
+                for n in _nodes(grid, num_clients)]
+    pairs, _ = _parse(list(grid.send_and_receive(messages, timeout=cfg.fed.timeout)), None, -1)
+    replies = [r for _, r in pairs]
+    sums: dict[str, np.ndarray] = {}
+    users = 0.0
+    for r in replies:
+        n = float(r.metrics.get("num-examples", 0.0))
+        if r.status != "ok" or n == 0:
+            continue
+        users += n
+        for key, value in r.metrics.items():
+            if key.startswith(("hr@", "ndcg@", "mrr@")):
+                sums[key] = sums.get(key, 0.0) + n * np.asarray(value, dtype=np.float64)
+    metrics = {k: (v / users).tolist() for k, v in sums.items()} if users else {}
+    return {"users": users, "betas": list(betas) or [0.0], "metrics": metrics}
+
+
+def _counts_record(counts: np.ndarray) -> ArrayRecord:
+    return ArrayRecord(torch_state_dict={"counts": torch.from_numpy(counts.astype(np.float32))})
+
+
+def _best(evaluation: Mapping[str, Any], key: str) -> tuple[int, float]:
+    values = evaluation["metrics"].get(key)
+    if not values:
+        return 0, 0.0
+    i = int(np.argmax(values))
+    return i, float(values[i])
+
+
+def _finish(
+    run: RunDir, grid: Grid, cfg: Config, state: ServerState, current: Mapping[str, torch.Tensor],
+    initial: Mapping[str, torch.Tensor], num_clients: int,
+) -> dict[str, Any]:
+    """Test metrics at the β chosen on the last validation, the full adapter, the report."""
+    key = f"ndcg@{cfg.eval.ks[0]}"
+    last_valid: dict[str, Any] = state.history[-1]["valid"] if state.history else {"metrics": {}, "betas": []}
+    i, _ = _best(last_valid, key)
+    beta = float(last_valid["betas"][i]) if last_valid["betas"] else 0.0
+    betas = [beta, 0.0] if state.counts is not None else []
+    test = _evaluate(grid, cfg, current, state, which="test", num_clients=num_clients, betas=betas)
+    fused = {k: v[0] for k, v in test["metrics"].items()}
+    final: dict[str, Any] = {"test": fused, "prior_weight": beta if state.counts is not None else None,
+             "test_users": test["users"], "rounds": state.round}
+    if state.counts is not None:
+        final["test_llm_only"] = {k: v[1] for k, v in test["metrics"].items()}
+    full = {**initial, **current}
+    save_adapter(run.root / "final" / "adapter.safetensors", full,
+                 {"run_id": state.run_id, "rounds": str(state.round), "variant": cfg.lora.variant})
+    if state.counts is not None:
+        save_file({"counts": torch.from_numpy(state.counts.astype(np.float32))},
+                  str(run.root / "final" / "prior_counts.safetensors"))
+    run.write_json("final/metrics.json", final)
+    return final
+
+
+# --- replies ---------------------------------------------------------------------------------
+
+
+def _parse(
+    raw: Sequence[Message], spec: Mapping[str, Any] | None, rnd: int
+) -> tuple[list[tuple[Message, Reply]], list[str]]:
+    """Replies that carry content, their tensors validated; failures (errors, bad tensors) named."""
+    replies: list[tuple[Message, Reply]] = []
+    failures: list[str] = []
+    for msg in raw:
+        if msg.has_error():
+            failures.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+            log.warning("round %d: node %d failed: %s", rnd, msg.metadata.src_node_id, msg.error.reason)
+            continue
+        c = msg.content
+        status = c.config_records.get("status", ConfigRecord({"status": "ok"}))
+        client = str(status.get("client", f"node-{msg.metadata.src_node_id}"))
+        metrics = dict(c.metric_records.get("metrics", {}))
+        tensors: dict[str, torch.Tensor] = {}
+        size = 0
+        if "arrays" in c.array_records:
+            record = c.array_records["arrays"]
+            size = record.count_bytes()
+            tensors = record.to_torch_state_dict()
+            if spec is not None:
+                try:
+                    validate_adapter(tensors, spec, source=client)
+                except AdapterError as exc:
+                    failures.append(f"{client}: {exc}")
+                    log.warning("round %d: rejected the adapter of %s: %s", rnd, client, exc)
+                    continue
+        replies.append((msg, Reply(client, str(status.get("status", "ok")), str(status.get("reason", "")),
+                                   metrics, tensors, size)))
+    return replies, failures
+
+
+def _ledger_line(rnd: int, mechanism: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    line = {k.removeprefix("ledger."): v for k, v in metrics.items() if k.startswith("ledger.")}
+    line["steps"] = int(line.get("steps", 0))
+    return {"round": rnd, "mechanism": mechanism, **line}
+
+
+def _nodes(grid: Grid, num_clients: int) -> list[int]:
+    while len(nodes := list(grid.get_node_ids())) < num_clients:
+        log.info("waiting for clients: %d of %d connected", len(nodes), num_clients)
+        time.sleep(1)
+    return sorted(nodes)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if values else 0.0
+
+
+def _progress(record: Mapping[str, Any], cfg: Config) -> None:
+    key = f"ndcg@{cfg.eval.ks[0]}"
+    _, best = _best(record["valid"], key)
+    eps = record["epsilon"]
+    log.info("round %d/%d: %d clients trained, %d refused, %d failed; loss %.4f; valid %s %.4f; "
+             "ε max %.3f; %.1f s", record["round"], cfg.fed.rounds, record["clients_ok"],
+             len(record["clients_refused"]), len(record["clients_failed"]), record["loss"], key, best,
+             max(eps.values()) if eps else 0.0, record["seconds"])
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def _start_or_resume(run: RunDir, cfg: Config, resume: bool) -> ServerState:
+    ckpt = run.root / "checkpoints"
+    settings = to_dict(cfg)
+    started = (run.root / "run.json").exists()
+    if started and not resume:
+        raise ConfigError(f"{run.root} already holds a run; pass --resume to continue it or choose "
+                          "another --output")
+    if not started:
+        state = ServerState(run_id=uuid.uuid4().hex[:12])
+        run.write_json("run.json", {"run_id": state.run_id, "settings": settings})
+        return state
+    recorded = json.loads((run.root / "run.json").read_text())
+    if recorded["settings"] != settings:
+        diff = _first_difference(recorded["settings"], settings)
+        raise ConfigError(f"{run.root} was started with different settings ({diff}); resume it with "
+                          "the same config")
+    latest = _latest_round(ckpt)
+    if latest is None:
+        return _read_state(ckpt / "round-0", recorded["run_id"]) if (ckpt / "round-0").is_dir() \
+            else ServerState(run_id=recorded["run_id"])
+    return _read_state(ckpt / f"round-{latest}", recorded["run_id"])
+
+
+def _latest_round(ckpt: Path) -> int | None:
+    rounds = [int(p.name.split("-")[1]) for p in ckpt.glob("round-*")
+              if p.name.split("-")[1].isdigit() and (p / "server.json").is_file()]
+    rounds = [r for r in rounds if r > 0]
+    return max(rounds) if rounds else None
+
+
+def _read_state(path: Path, run_id: str) -> ServerState:
+    doc = json.loads((path / "server.json").read_text())
+    counts = None
+    if (path / "prior_counts.safetensors").is_file():
+        counts = load_file(str(path / "prior_counts.safetensors"))["counts"].numpy().astype(np.float64)
+    return ServerState(run_id=run_id, round=doc["round"], history=doc["history"], ledgers=doc["ledgers"],
+                       counts=counts)
+
+
+def _checkpoint(root: Path, state: ServerState, current: Mapping[str, torch.Tensor],
+                strategy_tensors: Mapping[str, torch.Tensor]) -> None:
+    """checkpoints/round-<n>/ written to a temporary folder, then renamed (atomic)."""
+    final = root / "checkpoints" / f"round-{state.round}"
+    tmp = root / "checkpoints" / f".round-{state.round}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in current.items()}, str(tmp / "adapter.safetensors"))
+    save_file({k: v.contiguous() for k, v in strategy_tensors.items()} or {"none": torch.zeros(1)},
+              str(tmp / "strategy.safetensors"))
+    if state.counts is not None:
+        save_file({"counts": torch.from_numpy(state.counts.astype(np.float32))},
+                  str(tmp / "prior_counts.safetensors"))
+    doc = {"round": state.round, "run_id": state.run_id, "history": state.history, "ledgers": state.ledgers}
+    (tmp / "server.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def _load_checkpoint_tensors(root: Path, rnd: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    path = root / "checkpoints" / f"round-{rnd}"
+    strategy = {k: v for k, v in load_file(str(path / "strategy.safetensors")).items() if k != "none"}
+    return load_file(str(path / "adapter.safetensors")), strategy
+
+
+def _write_records(run: RunDir, state: ServerState) -> None:
+    """rounds.jsonl and ledgers/<client>.jsonl, rewritten from the checkpointed history."""
+    run.write_text("rounds.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in state.history))
+    for client, lines in state.ledgers.items():
+        text = "".join(json.dumps(x, sort_keys=True) + "\n" for x in lines)
+        run.write_text(f"ledgers/{client}.jsonl", text)
+    if state.round == 0 and state.counts is not None:  # the prior release survives a crash in round 1
+        ckpt = run.root / "checkpoints" / "round-0"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        save_file({"counts": torch.from_numpy(state.counts.astype(np.float32))},
+                  str(ckpt / "prior_counts.safetensors"))
+        doc = {"round": 0, "run_id": state.run_id, "history": [], "ledgers": state.ledgers}
+        (ckpt / "server.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {a!r} then, {b!r} now"
+
+
+# --- Flower entry point ----------------------------------------------------------------------
+
+
+def make_server_app(
+    cfg: Config | None = None, *, out: Path | None = None, num_clients: int | None = None,
+    resume: bool = False, cache_dir: Path | None = None, offline: bool = False,
+) -> ServerApp:
+    """A ServerApp bound to these settings, or (all None) reading them from the run_config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from fedrec.common.assets import default_cache_dir, default_offline
+
+        c = cfg or from_run_config(context.run_config)
+        rc = context.run_config
+        o = out or Path(str(rc.get("output", f"runs/{c.name}")))
+        n = num_clients or int(rc.get("num-clients", c.fed.clients))  # type: ignore[call-overload]
+        r = resume or bool(rc.get("resume", False))
+        run_server(grid, c, o, num_clients=n, resume=r, cache_dir=cache_dir or default_cache_dir(),
+                   offline=offline or default_offline())
+
+    return app
+
+
+app = make_server_app()  # `flwr run .` (pyproject [tool.flwr.app.components])

@@ -1,0 +1,77 @@
+"""`fedrec simulate`: N virtual clients on one machine with Flower's Simulation Engine.
+
+The ServerApp and ClientApp are the same ones a deployment runs (server/app.py, client/app.py);
+here each simulated client gets its local settings — name, state directory, ε budget — from
+this process (the simulated institutions' own configuration), never from the server's messages.
+Client state lives in <run>/clients/<name>/ and survives restarts like a real client's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fedrec.client.app import make_client_app
+from fedrec.client.local import LocalSettings, load_split, simulated_clients
+from fedrec.common.config import Config
+from fedrec.common.errors import ConfigError, FedrecError
+from fedrec.common.rundir import RunDir
+from fedrec.server.app import make_server_app
+from fedrec.simulations.central import Sources
+from fedrec.simulations.report import write_reports
+from flwr.app import Context
+
+log = logging.getLogger(__name__)
+
+
+def client_names(cfg: Config, sources: Sources) -> list[str]:
+    dataset, split = load_split(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
+    return sorted(simulated_clients(cfg, dataset, split))
+
+
+def simulate(cfg: Config, out: Path, sources: Sources, *, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) a federated simulation into run directory `out`; return final metrics."""
+    from flwr.simulation import run_simulation
+
+    if (out / "run.json").exists() and not resume:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it "
+                          "or choose another --output")
+    if resume and not (out / "run.json").exists():
+        raise ConfigError(f"--resume: {out} holds no run to resume")
+    names = client_names(cfg, sources)
+    unknown = sorted(set(cfg.fed.client_budgets) - set(names))
+    if unknown:
+        raise ConfigError(f"fed.client_budgets names unknown client {unknown[0]!r}; the clients are "
+                          f"{', '.join(names)}")
+    log.info("simulating %d clients: %s", len(names), ", ".join(names))
+    run = RunDir(out)
+    run.write_config(cfg, {"clients": names, "engine": "flwr simulation (ray)"})
+
+    def settings(context: Context) -> tuple[Config, LocalSettings]:
+        name = names[int(context.node_config["partition-id"])]  # type: ignore[call-overload]
+        budget = cfg.fed.client_budgets.get(name, cfg.privacy.target_epsilon)
+        return cfg, LocalSettings(name, out / "clients" / name, budget, cfg.privacy.delta,
+                                  sources.cache_dir, sources.offline)
+
+    cpus = os.cpu_count() or 1
+    backend = {
+        "client_resources": {"num_cpus": min(cfg.fed.num_cpus, cpus), "num_gpus": cfg.fed.num_gpus},
+        "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True},
+    }
+    run_simulation(
+        server_app=make_server_app(cfg, out=out, num_clients=len(names), resume=resume,
+                                   cache_dir=sources.cache_dir, offline=sources.offline),
+        client_app=make_client_app(settings),
+        num_supernodes=len(names),
+        backend_config=backend,  # type: ignore[arg-type]
+    )
+    final_path = out / "final" / "metrics.json"
+    if not final_path.exists():
+        raise FedrecError(f"the simulation ended without final results in {out}; the log above says why "
+                          "(resume it with --resume)")
+    final = json.loads(final_path.read_text())
+    write_reports(out, cfg)
+    return final

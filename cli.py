@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -80,6 +81,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedrec.simulations.federated import simulate
 
     cfg = _settings(args)
+    if cfg.name == "central":  # the default name belongs to train-central
+        cfg = dataclasses.replace(cfg, name="federated")
     out = args.output or Path("runs") / cfg.name
     final = simulate(cfg, out, _sources(args), resume=args.resume)
     sys.stdout.write((out / "report.md").read_text() if (out / "report.md").exists() else f"{final}\n")
@@ -108,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         for noisy in ("flwr", "alembic", "ray"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger("flwr").propagate = False  # Flower prints its own lines once
     try:
         return COMMANDS[args.command](args)
     except FedrecError as exc:

@@ -30,9 +30,10 @@ from fedrec.client.local import (
     simulated_clients,
 )
 from fedrec.common.assets import default_cache_dir, default_offline
-from fedrec.common.config import Config, from_run_config
+from fedrec.common.config import Config, from_run_config, to_dict
 from fedrec.common.data import leave_one_out, load_dataset
 from fedrec.common.errors import ConfigError
+from fedrec.common.model import build_recommender
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -40,7 +41,11 @@ log = logging.getLogger(__name__)
 
 SettingsFn = Callable[[Context], tuple[Config, LocalSettings]]
 
-_JOBS: dict[tuple[Any, ...], ClientJob] = {}  # one job (model + data) per process and client
+# Per process: the current client's job, and the model and data set every simulated client in
+# this process shares (each request loads the global adapter first, so nothing leaks between
+# clients). Memory stays flat however many clients one worker serves.
+_JOBS: dict[tuple[Any, ...], ClientJob] = {}
+_SHARED: dict[tuple[Any, ...], Any] = {}
 
 
 def make_client_app(settings: SettingsFn | None = None) -> ClientApp:
@@ -89,7 +94,10 @@ def settings_from_context(context: Context) -> tuple[Config, LocalSettings]:
         raise ConfigError("this SuperNode has no epsilon-budget in its node config; a client sets "
                           "its own budget, e.g. --node-config \"epsilon-budget=8.0\"")
     name = str(node.get("client-name", f"client-{node.get('partition-id', 0)}"))
-    state_dir = Path(str(node.get("state-dir", Path("fedrec-client-state") / name)))
+    if "state-dir" in node:
+        state_dir = Path(str(node["state-dir"]))
+    else:  # a simulated node keeps its state beside the run (as `fedrec simulate` does)
+        state_dir = Path(str(context.run_config.get("output", "runs/flwr"))) / "clients" / name
     delta = float(node["delta"]) if "delta" in node else None  # type: ignore[arg-type]
     return cfg, LocalSettings(name, state_dir, budget, delta, cache_dir, bool(default_offline()))
 
@@ -98,10 +106,26 @@ def _job(cfg: Config, local: LocalSettings, context: Context) -> ClientJob:
     key = (id(cfg), local, context.node_config.get("partition-id"), context.node_config.get("data"))
     job = _JOBS.get(key)
     if job is None:
-        job = ClientJob(cfg, local, *_client_data(cfg, local, context))
-        _JOBS.clear()  # at most one client's model and data per process: memory stays flat
+        model_key = ("model", to_key(cfg.model), to_key(cfg.lora), cfg.train.seed, cfg.train.temperature)
+        loaded = _shared(model_key, lambda: build_recommender(cfg, cache_dir=local.cache_dir,
+                                                              offline=local.offline))
+        job = ClientJob(cfg, local, *_client_data(cfg, local, context), loaded=loaded)
+        _JOBS.clear()
         _JOBS[key] = job
     return job
+
+
+def to_key(section: Any) -> str:
+    return repr(sorted(to_dict(section).items()))
+
+
+def _shared(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+    """One instance per key and process; a new key replaces the old one of its kind."""
+    if key not in _SHARED:
+        for old in [k for k in _SHARED if k[0] == key[0]]:
+            del _SHARED[old]
+        _SHARED[key] = build()
+    return _SHARED[key]
 
 
 def _client_data(cfg: Config, local: LocalSettings, context: Context):  # type: ignore[no-untyped-def]
@@ -111,8 +135,11 @@ def _client_data(cfg: Config, local: LocalSettings, context: Context):  # type: 
         path = Path(str(node["data"]))
         dataset = load_dataset(path, fmt=cfg.data.format, rating_threshold=cfg.data.rating_threshold)
         return dataset, leave_one_out(dataset)
-    dataset, split = load_split(cfg, cache_dir=local.cache_dir, offline=local.offline)
-    clients = simulated_clients(cfg, dataset, split)
+    def build() -> tuple[Any, Any]:
+        dataset, split = load_split(cfg, cache_dir=local.cache_dir, offline=local.offline)
+        return dataset, simulated_clients(cfg, dataset, split)
+
+    dataset, clients = _shared(("data", to_key(cfg.data), to_key(cfg.fed), cfg.train.seed), build)
     if local.name not in clients:
         names = sorted(clients)
         pid = int(node.get("partition-id", -1))  # type: ignore[call-overload]

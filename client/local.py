@@ -108,14 +108,15 @@ def simulated_clients(cfg: Config, dataset: Dataset, split: Split) -> dict[str, 
 class ClientJob:
     """The model, data and durable privacy state of one client; one instance per process."""
 
-    def __init__(self, cfg: Config, local: LocalSettings, dataset: Dataset, split: Split) -> None:
+    def __init__(self, cfg: Config, local: LocalSettings, dataset: Dataset, split: Split,
+                 loaded: Loaded | None = None) -> None:
         self.cfg, self.local, self.dataset, self.split = cfg, local, dataset, split
         self.users = sorted(u for u, seq in split.train.items() if len(seq) >= 1)
         n = max(1, len(self.users))
         self.delta = local.delta if local.delta is not None else default_delta(n)
         check_delta(self.delta, n)
         self.sample_rate = min(1.0, cfg.train.batch_size / n)
-        self._loaded: Loaded | None = None
+        self._loaded = loaded  # may be shared by the simulated clients of one process
 
     # -- model --
 

@@ -98,7 +98,8 @@ def run_server(
             current = {k: merged[k].to(initial[k].dtype) for k in trainable_keys}
         for r in trained:
             if "ledger.epsilon" in r.metrics:
-                state.ledgers.setdefault(r.client, []).append(_ledger_line(rnd, "dp-sgd", r.metrics))
+                state.ledgers.setdefault(r.client, []).append(
+                    _ledger_line(rnd, "dp-sgd", r.metrics, cfg.privacy.accountant))
         evaluation = _evaluate(grid, cfg, current, state, which="valid", num_clients=num_clients)
         record = {
             "round": rnd, "clients_ok": len(trained),
@@ -119,7 +120,11 @@ def run_server(
         _write_records(run, state)
         _progress(record, cfg)
 
-    return _finish(run, grid, cfg, state, current, initial, num_clients)
+    final = _finish(run, grid, cfg, state, current, initial, num_clients)
+    from fedrec.simulations.report import write_reports
+
+    write_reports(run.root, cfg)
+    return final
 
 
 # --- rounds ----------------------------------------------------------------------------------
@@ -140,7 +145,8 @@ def _prior_release(grid: Grid, cfg: Config, state: ServerState, num_clients: int
             continue
         counts = r.tensors["counts"].numpy().astype(np.float64)
         total = counts if total is None else total + counts
-        state.ledgers.setdefault(r.client, []).append(_ledger_line(0, "prior-counts", r.metrics))
+        state.ledgers.setdefault(r.client, []).append(
+            _ledger_line(0, "prior-counts", r.metrics, cfg.privacy.accountant))
     return total
 
 
@@ -250,10 +256,11 @@ def _parse(
     return replies, failures
 
 
-def _ledger_line(rnd: int, mechanism: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+def _ledger_line(rnd: int, mechanism: str, metrics: Mapping[str, Any], accountant: str) -> dict[str, Any]:
+    """The server's copy of a client's ledger line: what the client reported for this release."""
     line = {k.removeprefix("ledger."): v for k, v in metrics.items() if k.startswith("ledger.")}
     line["steps"] = int(line.get("steps", 0))
-    return {"round": rnd, "mechanism": mechanism, **line}
+    return {"round": rnd, "mechanism": mechanism, "accountant": accountant, **line}
 
 
 def _nodes(grid: Grid, num_clients: int) -> list[int]:
@@ -386,6 +393,8 @@ def make_server_app(
         o = out or Path(str(rc.get("output", f"runs/{c.name}")))
         n = num_clients or int(rc.get("num-clients", c.fed.clients))  # type: ignore[call-overload]
         r = resume or bool(rc.get("resume", False))
+        if cfg is None and not (o / "config.toml").exists():  # `flwr run .`: the run's record
+            RunDir(o).write_config(c, {"engine": "flwr run", "clients": n})
         run_server(grid, c, o, num_clients=n, resume=r, cache_dir=cache_dir or default_cache_dir(),
                    offline=offline or default_offline())
 

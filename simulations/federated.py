@@ -21,7 +21,6 @@ from fedrec.common.errors import ConfigError, FedrecError
 from fedrec.common.rundir import RunDir
 from fedrec.server.app import make_server_app
 from fedrec.simulations.central import Sources
-from fedrec.simulations.report import write_reports
 from flwr.app import Context
 
 log = logging.getLogger(__name__)
@@ -72,6 +71,4 @@ def simulate(cfg: Config, out: Path, sources: Sources, *, resume: bool = False) 
     if not final_path.exists():
         raise FedrecError(f"the simulation ended without final results in {out}; the log above says why "
                           "(resume it with --resume)")
-    final = json.loads(final_path.read_text())
-    write_reports(out, cfg)
-    return final
+    return json.loads(final_path.read_text())

@@ -74,6 +74,7 @@ def test_dp_without_noise_and_clipping_equals_plain_training(make_model, tiny_to
 
 def test_per_user_gradients_are_the_users_own(tiny_model, tiny_tokenizer) -> None:
     trainer = _trainer(tiny_model, tiny_tokenizer, dp=None)
+    torch.manual_seed(1)  # independent of which tests ran before
     with torch.no_grad():
         for n, p in trainer.rec.model.named_parameters():
             if "lora_B" in n:
@@ -85,7 +86,7 @@ def test_per_user_gradients_are_the_users_own(tiny_model, tiny_tokenizer) -> Non
     total = torch.autograd.grad(loss, trainer.params)
 
     assert all(g.shape[0] == len(examples) for g in grads)
-    assert all(torch.allclose(g.sum(0), t, atol=1e-5) for g, t in zip(grads, total))
+    assert all(torch.allclose(g.sum(0), t, rtol=1e-4, atol=1e-5) for g, t in zip(grads, total))
 
 
 def test_opacus_clips_each_user_to_the_bound(tiny_model, tiny_tokenizer) -> None:

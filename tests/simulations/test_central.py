@@ -9,29 +9,9 @@ from fedrec.common.privacy import MechanismStep, epsilon
 from fedrec.common.rundir import read_jsonl
 
 
-def write_tiny_dataset(root: Path, users: int = 24, items: int = 30) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    lines = ["item_id,title,genres"]
-    lines += [f"i{j},Movie {j} ({1980 + j}),Genre {j % 4}" for j in range(items)]
-    (root / "items.csv").write_text("\n".join(lines) + "\n")
-    inter = ["user_id,item_id,timestamp,rating"]
-    for u in range(users):
-        for t in range(6):
-            inter.append(f"u{u},i{(u * 3 + t * 5) % items},{1000 + t},{1 + (u + t) % 5}")
-    (root / "interactions.csv").write_text("\n".join(inter) + "\n")
-    return root
-
-
-@pytest.fixture()
-def tiny_model_dir(tmp_path: Path, tiny_model, tiny_tokenizer) -> Path:
-    path = tmp_path / "tiny-model"
-    tiny_model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-def test_train_central_writes_a_complete_run(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
-    data = write_tiny_dataset(tmp_path / "data")
+def test_train_central_writes_a_complete_run(tmp_path: Path, tiny_data: Path, tiny_model_dir: Path,
+                                              capsys) -> None:
+    data = tiny_data
     out = tmp_path / "run"
     args = ["train-central", "--data", str(data), "--model", str(tiny_model_dir), "--output", str(out),
             "--cache-dir", str(tmp_path / "cache"), "--offline",

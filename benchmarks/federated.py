@@ -1,0 +1,242 @@
+"""Federated benchmarks on MovieLens-100K with the default model -> results/federated.json.
+
+    python benchmarks/federated.py [--parts privacy,local,scale,noise] [--eps 8,4,1]
+                                   [--variants lora,ffa] [--set key=value ...] [--label TEXT]
+
+Parts (each writes its rows into results/federated.json as soon as it finishes, replacing rows
+of the same method, so a long sweep can be stopped and resumed):
+
+- privacy: `fedrec simulate` (Flower Simulation Engine, the shipped design) at each ε and LoRA
+  variant -> rows `fed-dp-<variant>-eps<ε>` (fused with the private prior) and `...-llm-only`.
+- local:   local-only training, each institution alone under the same ε (the same client code,
+  no aggregation; each client ranks with its own adapter and its own noisy counts) ->
+  `local-dp-lora-eps<ε>`; metrics averaged over the clients' test users.
+- scale:   one round with 10 and with 100 simulated clients; peak resident memory of the whole
+  process tree (driver, Ray and its workers), sampled every 0.2 s -> `scale` rows.
+- noise:   the noise-to-signal arithmetic of user-level DP-SGD for federated plans (no training):
+  σ calibrated for the plan, and the std of the noise on the averaged clipped update relative
+  to the clip norm, per step -> `noise` rows.
+
+Rows share the schema of results/central.json plus `clients`, `rounds`,
+`bytes_up_per_client_round`, `model_bytes` and `round_seconds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from fedrec.client.local import ClientJob, LocalSettings, RoundRequest, load_split, simulated_clients
+from fedrec.common.assets import default_cache_dir
+from fedrec.common.config import Config, load_config
+from fedrec.common.evaluation import PRIOR_WEIGHTS
+from fedrec.common.model import build_recommender
+from fedrec.common.privacy import calibrate_noise, default_delta
+from fedrec.common.rundir import read_jsonl
+from fedrec.simulations.central import Sources
+from fedrec.simulations.federated import simulate
+
+RESULTS = Path(__file__).resolve().parent / "results" / "federated.json"
+log = logging.getLogger("bench")
+
+
+class PeakMemory:
+    """Peak summed RSS of this process and all its descendants (Ray workers included)."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def save_rows(rows: list[dict[str, Any]], key: str, meta: dict[str, Any]) -> None:
+    doc = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    doc.update({k: v for k, v in meta.items() if k not in doc or k == "machine"})
+    kept = [r for r in doc.get(key, []) if r["method"] not in {x["method"] for x in rows}]
+    doc[key] = kept + rows
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def base_row(cfg: Config, method: str, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
+    k = cfg.eval.ks[0]
+    return {
+        "dataset": cfg.data.dataset, "model": cfg.model.name, "method": method, "device": "cpu",
+        "hr@10": round(metrics.get(f"hr@{k}", 0.0), 5), "ndcg@10": round(metrics.get(f"ndcg@{k}", 0.0), 5),
+        "mrr@10": round(metrics.get(f"mrr@{k}", 0.0), 5), **extra,
+    }
+
+
+def run_privacy(overrides: list[str], eps: float, variant: str, sources: Sources, tmp: Path) -> list[dict]:
+    cfg = load_config(None, [*overrides, f"privacy.target_epsilon={eps}", f"lora.variant=\"{variant}\""])
+    out = tmp / f"fed-{variant}-{eps:g}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    final = simulate(cfg, out, sources)
+    wall = time.perf_counter() - t0
+    rounds = read_jsonl(out / "rounds.jsonl")
+    ledgers = {p.stem: read_jsonl(p) for p in (out / "ledgers").glob("*.jsonl")}
+    spent = max(lines[-1]["epsilon"] for lines in ledgers.values())
+    delta = max(lines[-1]["delta"] for lines in ledgers.values())
+    up = sum(r["bytes_up_per_client"] for r in rounds) / len(rounds)
+    extra = {
+        "epsilon": round(spent, 4), "delta": delta, "users": int(final["test_users"]),
+        "clients": len(ledgers), "rounds": len(rounds), "bytes_up_per_client_round": int(up),
+        "model_bytes": rounds[0]["model_bytes"], "bytes_ratio": up / rounds[0]["model_bytes"],
+        "round_seconds": round(sum(r["seconds"] for r in rounds) / len(rounds), 1),
+        "train_seconds": round(wall, 1), "prior_weight": final["prior_weight"],
+    }
+    name = f"fed-dp-{variant}-eps{eps:g}"
+    rows = [base_row(cfg, name, final["test"], **extra)]
+    if "test_llm_only" in final:
+        rows.append(base_row(cfg, name + "-llm-only", final["test_llm_only"], **extra))
+    return rows
+
+
+def run_local(overrides: list[str], eps: float, sources: Sources, tmp: Path) -> list[dict]:
+    """Each client alone: its own rounds of DP training, its own prior, its own β (on its valid)."""
+    cfg = load_config(None, [*overrides, f"privacy.target_epsilon={eps}"])
+    dataset, split = load_split(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
+    clients = simulated_clients(cfg, dataset, split)
+    loaded = build_recommender(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
+    trainable = {k: v for k, v in loaded.initial_adapter.items()}
+    fused: dict[str, float] = {}
+    alone: dict[str, float] = {}
+    users = 0.0
+    spent = delta = 0.0
+    t0 = time.perf_counter()
+    for name, part in sorted(clients.items()):
+        state = tmp / f"local-{eps:g}" / name
+        shutil.rmtree(state, ignore_errors=True)
+        local = LocalSettings(name, state, eps, cfg.privacy.delta, sources.cache_dir, sources.offline)
+        job = ClientJob(cfg, local, dataset, part, loaded=loaded)
+        delta = max(delta, job.delta)
+        req = RoundRequest("local", 0, cfg.fed.rounds, cfg.fed.local_epochs, cfg.train.lr)
+        counts = job.prior_counts(req).tensors["counts"].numpy().astype("float64") \
+            if cfg.prior.enabled else None
+        current = dict(trainable)
+        for rnd in range(1, cfg.fed.rounds + 1):
+            out = job.train(current, RoundRequest("local", rnd, cfg.fed.rounds, cfg.fed.local_epochs,
+                                                  cfg.train.lr))
+            current = {**current, **out.tensors}
+            spent = max(spent, out.metrics["epsilon"])
+        betas = list(PRIOR_WEIGHTS) if counts is not None else []
+        valid = job.evaluate(current, which="valid", counts=counts, betas=betas).metrics
+        ndcg = valid.get(f"ndcg@{cfg.eval.ks[0]}", [0.0])
+        beta = betas[max(range(len(ndcg)), key=ndcg.__getitem__)] if betas else 0.0
+        test = job.evaluate(current, which="test", counts=counts, betas=[beta, 0.0]).metrics
+        n = test["num-examples"]
+        users += n
+        for key, values in test.items():
+            if key.startswith(("hr@", "ndcg@", "mrr@")):
+                fused[key] = fused.get(key, 0.0) + n * values[0]
+                alone[key] = alone.get(key, 0.0) + n * values[-1]
+    fused = {k: v / users for k, v in fused.items()}
+    alone = {k: v / users for k, v in alone.items()}
+    extra = {"epsilon": round(spent, 4), "delta": delta, "users": int(users),
+             "clients": len(clients), "rounds": cfg.fed.rounds, "bytes_up_per_client_round": 0,
+             "train_seconds": round(time.perf_counter() - t0, 1)}
+    return [base_row(cfg, f"local-dp-lora-eps{eps:g}", fused, **extra),
+            base_row(cfg, f"local-dp-lora-eps{eps:g}-llm-only", alone, **extra)]
+
+
+def run_scale(overrides: list[str], clients: int, sources: Sources, tmp: Path) -> dict[str, Any]:
+    cfg = load_config(None, [*overrides, f"fed.clients={clients}", "fed.rounds=1", "fed.local_epochs=0.5",
+                             "data.max_users=400", "prior.enabled=false", "privacy.target_epsilon=8"])
+    out = tmp / f"scale-{clients}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    with PeakMemory() as mem:
+        simulate(cfg, out, sources)
+    rounds = read_jsonl(out / "rounds.jsonl")
+    return {"method": f"scale-{clients}-clients", "clients": clients, "users": 400,
+            "peak_rss_mib": round(mem.peak / 2**20, 1), "wall_seconds": round(time.perf_counter() - t0, 1),
+            "round_seconds": rounds[0]["seconds"],
+            "bytes_up_per_client_round": rounds[0]["bytes_up_per_client"]}
+
+
+def noise_rows() -> list[dict[str, Any]]:
+    """σ and per-step noise std / clip norm on the averaged update, for federated plans at ε = 8."""
+    rows = []
+    plans = [  # (label, users in all, clients, rounds, steps per round at each client, batch)
+        ("naive: 5 clients x 10 rounds x 6 steps", 150, 5, 10, 6, 16),
+        ("central: 1 x 3 epochs", 150, 1, 1, None, 16),
+        ("shipped default: 3 clients x 3 rounds x 1 epoch", 150, 3, 3, None, 16),
+        ("full ml-100k: 3 clients x 3 rounds x 1 epoch", 943, 3, 3, None, 16),
+        ("full ml-100k: 5 institutions x 3 rounds x 1 epoch, batch 64", 943, 5, 3, None, 64),
+    ]
+    for label, users, clients, rounds, steps, batch in plans:
+        n = users // clients
+        q = min(1.0, batch / n)
+        per_round = steps if steps is not None else max(1, round((3.0 if clients == 1 else 1.0) / q))
+        delta = default_delta(n)
+        sigma = calibrate_noise(target_epsilon=8.0, delta=delta, sample_rate=q, steps=per_round * rounds)
+        rows.append({"method": "noise", "plan": label, "users_per_client": n, "sample_rate": round(q, 4),
+                     "steps_total": per_round * rounds, "noise_multiplier": round(sigma, 3),
+                     "noise_std_over_clip_per_step": round(sigma / (q * n), 4),
+                     "after_fedavg_over_clients": round(sigma / (q * n) / clients ** 0.5, 4)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--parts", default="privacy,local,scale,noise")
+    parser.add_argument("--eps", default="8,4,1")
+    parser.add_argument("--variants", default="lora,ffa")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--label", default="reduced CPU scale (defaults)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").propagate = False
+    sources = Sources(cache_dir=default_cache_dir(), offline=False)
+    tmp = Path(tempfile.mkdtemp(prefix="fedrec-fed-bench-"))
+    meta = {"scale": args.label, "overrides": args.overrides,
+            "machine": f"{platform.machine()} {platform.processor()} {psutil.cpu_count()} cores".strip()}
+    parts = args.parts.split(",")
+    eps_list = [float(e) for e in args.eps.split(",")]
+    if "noise" in parts:
+        save_rows(noise_rows(), "noise", meta)
+    for i, eps in enumerate(eps_list):
+        variants = args.variants.split(",")
+        if "privacy" in parts:
+            save_rows(run_privacy(args.overrides, eps, variants[0], sources, tmp), "rows", meta)
+        if "local" in parts:
+            save_rows(run_local(args.overrides, eps, sources, tmp), "rows", meta)
+        if "privacy" in parts:
+            for variant in variants[1:]:
+                save_rows(run_privacy(args.overrides, eps, variant, sources, tmp), "rows", meta)
+        if "scale" in parts and i == 0:  # after the headline rows, before the rest of the sweep
+            save_rows([run_scale(args.overrides, n, sources, tmp) for n in (10, 100)], "scale", meta)
+    print(RESULTS.read_text())
+
+
+if __name__ == "__main__":
+    main()

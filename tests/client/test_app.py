@@ -1,0 +1,129 @@
+"""The ClientApp called in-process with real Flower messages: what leaves a client, and when it refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fedrec.client import app as client_app
+from fedrec.client.local import LocalSettings
+from fedrec.common.config import Config, load_config
+from fedrec.common.model import build_recommender
+from fedrec.common.privacy import MechanismStep, epsilon
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+
+def tiny_config(data: Path, *extra: str) -> Config:
+    return load_config(None, [
+        f'data.dataset="{data}"', "data.max_users=0", 'model.name="tiny-random"', "lora.rank=2",
+        "lora.last_layers=1", "train.batch_size=8", "train.negatives=3", "fed.clients=2",
+        "model.max_history_tokens=120", "model.max_item_tokens=40", *extra,
+    ])
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_cache():
+    client_app._JOBS.clear()
+    client_app._SHARED.clear()
+    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as the server side
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    client_app._JOBS.clear()
+    client_app._SHARED.clear()
+
+
+def make_app(cfg: Config, tmp_path: Path, budget: float):
+    local = LocalSettings("client-0", tmp_path / "state", budget, None, tmp_path / "cache", True)
+    return client_app.make_client_app(lambda ctx: (cfg, local))
+
+
+def context() -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+
+
+def train_message(tensors: dict[str, torch.Tensor], rnd: int, **config) -> Message:
+    cfg = ConfigRecord({"run-id": "r1", "server-round": rnd, "num-rounds": 2, "local-epochs": 0.5,
+                        "lr": 0.01, **config})
+    content = RecordDict({"arrays": ArrayRecord(torch_state_dict=tensors), "config": cfg})
+    return Message(content, dst_node_id=7, message_type="train")
+
+
+def global_adapter(cfg: Config, tmp_path: Path, variant: str = "lora") -> dict[str, torch.Tensor]:
+    initial = build_recommender(cfg, cache_dir=tmp_path / "cache", offline=True).initial_adapter
+    return {k: v for k, v in initial.items() if variant != "ffa" or "lora_B" in k}
+
+
+def test_reply_carries_only_lora_tensors_and_scalars(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data)
+    sent = global_adapter(cfg, tmp_path)
+    reply = make_app(cfg, tmp_path, 8.0)(train_message(sent, 1), context())
+
+    content = reply.content
+    assert set(content.array_records) == {"arrays"}
+    tensors = content["arrays"].to_torch_state_dict()
+    assert set(tensors) == set(sent) and all("lora_" in k for k in tensors)
+    assert any(not torch.equal(tensors[k], sent[k]) for k in sent)  # it trained
+    metrics = dict(content["metrics"])
+    assert all(isinstance(v, int | float) for v in metrics.values())
+    assert set(content.config_records) == {"status"}
+    status = dict(content["status"])
+    assert status["status"] == "ok" and set(status) == {"status", "reason", "client"}
+    text = json.dumps(status)  # no user or item ids in any string that leaves
+    assert not any(f'"u{i}"' in text or f'"i{i}"' in text for i in range(30))
+    assert 0 < metrics["epsilon"] <= 8.0
+
+
+def test_ffa_client_sends_only_b(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, 'lora.variant="ffa"')
+    sent = global_adapter(cfg, tmp_path, "ffa")
+    reply = make_app(cfg, tmp_path, 8.0)(train_message(sent, 1), context())
+    keys = set(reply.content["arrays"].to_torch_state_dict())
+    assert keys == set(sent) and keys and all("lora_B" in k for k in keys)
+
+
+def test_over_budget_round_is_refused_and_spends_nothing(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, "privacy.noise_multiplier=0.6")
+    sent = global_adapter(cfg, tmp_path)
+    # the server cannot raise the budget: an epsilon in its message is ignored
+    reply = make_app(cfg, tmp_path, 0.5)(train_message(sent, 1, **{"epsilon-budget": 1000.0}), context())
+
+    status = dict(reply.content["status"])
+    assert status["status"] == "over-budget"
+    assert "budget 0.5" in status["reason"]
+    assert "arrays" not in reply.content.array_records
+    assert dict(reply.content["metrics"])["epsilon"] == 0.0
+    assert not (tmp_path / "state" / "ledger.jsonl").exists()
+
+
+def test_rounds_compose_across_restarts_and_replays_cost_nothing(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, "privacy.noise_multiplier=1.0", "prior.enabled=false")
+    sent = global_adapter(cfg, tmp_path)
+    first = make_app(cfg, tmp_path, 8.0)(train_message(sent, 1), context())
+    again = make_app(cfg, tmp_path, 8.0)(train_message(sent, 1), context())  # the server resumed
+    assert dict(again.content["metrics"]) == dict(first.content["metrics"])
+    a, b = (m.content["arrays"].to_torch_state_dict() for m in (first, again))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    client_app._JOBS.clear()  # a new process: everything it knows comes from the state directory
+    client_app._SHARED.clear()
+    second = make_app(cfg, tmp_path, 8.0)(train_message(sent, 2), context())
+    ledger = [json.loads(x) for x in (tmp_path / "state" / "ledger.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in ledger] == [1, 2]
+    history = [MechanismStep(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger]
+    assert ledger[-1]["epsilon"] == pytest.approx(epsilon(history, delta=ledger[-1]["delta"]), rel=1e-9)
+    assert dict(second.content["metrics"])["epsilon"] == pytest.approx(ledger[-1]["epsilon"])
+    assert ledger[1]["epsilon"] > ledger[0]["epsilon"]
+
+
+def test_unreadable_state_stops_the_client(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "state.json").write_text("{not json")
+    from fedrec.common.errors import PrivacyError
+
+    with pytest.raises(PrivacyError, match="record of spent budget"):
+        make_app(cfg, tmp_path, 8.0)(train_message(global_adapter(cfg, tmp_path), 1), context())

@@ -1,0 +1,153 @@
+"""End to end through Flower's Simulation Engine (Ray): `fedrec simulate` on a tiny model and data set."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fedrec.cli import main
+from fedrec.common.config import load_config
+from fedrec.common.model import build_recommender
+from fedrec.common.privacy import MechanismStep, epsilon
+from fedrec.common.rundir import read_jsonl
+from fedrec.server import app as server_app
+from safetensors.torch import load_file
+
+TINY = [
+    'model.name="tiny-random"', "data.max_users=0", "lora.rank=2", "lora.last_layers=1",
+    "train.batch_size=8", "train.negatives=3", "model.max_history_tokens=120", "model.max_item_tokens=40",
+    "fed.clients=3", "fed.local_epochs=0.5", "eval.batch_size=256",
+]
+
+
+def simulate_args(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    args = ["simulate", "--data", str(data), "--output", str(out), "--cache-dir", str(cache), "--offline"]
+    for item in [*TINY, *extra]:
+        args += ["--set", item]
+    return args
+
+
+def check_ledger(lines: list[dict[str, Any]]) -> None:
+    """ε never decreases and is what the accountant gives for the recorded mechanism."""
+    history = []
+    for entry in lines:
+        for key in ("round", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "clip_norm"):
+            assert key in entry
+        history.append(MechanismStep(entry["noise_multiplier"], entry["sample_rate"], entry["steps"]))
+        assert entry["epsilon"] == pytest.approx(epsilon(history, delta=entry["delta"]), rel=1e-9)
+    eps = [e["epsilon"] for e in lines]
+    assert eps == sorted(eps)
+
+
+def own_ledger(run: Path, client: str) -> list[dict[str, Any]]:
+    """The ledger in the client's own state directory, less what the server is not told."""
+    lines = read_jsonl(run / "clients" / client / "ledger.jsonl")
+    return [{k: v for k, v in e.items() if k != "users"} for e in lines]
+
+
+def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    seen: list[dict[str, Any]] = []
+    parse = server_app._parse
+
+    def spy(raw, spec, rnd):  # the ServerApp runs in this process: record every client message
+        for msg in raw:
+            if not msg.has_error():
+                c = msg.content
+                seen.append({
+                    "round": rnd, "arrays": {k: list(r.keys()) for k, r in c.array_records.items()},
+                    "metrics": {k: dict(r) for k, r in c.metric_records.items()},
+                    "configs": {k: dict(r) for k, r in c.config_records.items()},
+                })
+        return parse(raw, spec, rnd)
+
+    monkeypatch.setattr(server_app, "_parse", spy)
+    out = tmp_path / "run"
+    cache = tmp_path / "cache"
+    # σ fixed so that client-0, with a budget of 1, can afford the prior release but no round
+    args = simulate_args(tiny_data, out, cache, "fed.rounds=2", "privacy.noise_multiplier=2.0",
+                         "fed.client_budgets={client-0=1.0}")
+
+    assert main(args) == 0
+
+    final = json.loads((out / "final" / "metrics.json").read_text())
+    assert final["rounds"] == 2 and 0 <= final["test"]["ndcg@10"] <= 1
+    # the global adapter changed (B starts at zero)
+    cfg = load_config(None, TINY)
+    initial = build_recommender(cfg, cache_dir=cache, offline=True).initial_adapter
+    adapter = load_file(str(out / "final" / "adapter.safetensors"))
+    assert set(adapter) == set(initial)
+    assert any(not torch.equal(adapter[k], initial[k]) for k in initial if "lora_B" in k)
+
+    # every message a client sent: LoRA tensors (or the noisy counts), scalar metrics, a status
+    lora_keys = set(initial)
+    assert seen
+    for m in seen:
+        assert set(m["arrays"]) <= {"arrays"}
+        for keys in m["arrays"].values():
+            assert set(keys) <= lora_keys or set(keys) == {"counts"}
+        for metrics in m["metrics"].values():
+            for value in metrics.values():
+                values = value if isinstance(value, list) else [value]
+                assert all(isinstance(v, int | float) for v in values)
+        assert set(m["configs"]) == {"status"}
+        assert set(m["configs"]["status"]) == {"status", "reason", "client"}
+    trained = [m for m in seen if m["round"] >= 1 and m["arrays"]]
+    assert len(trained) == 4 and all(set(m["arrays"]["arrays"]) == lora_keys for m in trained)
+
+    # the client over budget refused both rounds; the others trained; the run completed
+    rounds = read_jsonl(out / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["clients_refused"] == ["client-0"] and r["clients_ok"] == 2 for r in rounds)
+    for name in ("client-0", "client-1", "client-2"):
+        lines = read_jsonl(out / "ledgers" / f"{name}.jsonl")
+        check_ledger(lines)
+        assert lines == own_ledger(out, name)  # the server's copy is the client's own record
+        assert lines[-1]["epsilon"] <= (1.0 if name == "client-0" else cfg.privacy.target_epsilon)
+    assert [e["round"] for e in read_jsonl(out / "ledgers" / "client-0.jsonl")] == [0]
+    assert [e["round"] for e in read_jsonl(out / "ledgers" / "client-1.jsonl")] == [0, 1, 2]
+
+    assert "<svg" in (out / "report.html").read_text()
+    assert "client-0" in (out / "report.md").read_text()
+    assert (out / "checkpoints" / "round-2" / "adapter.safetensors").is_file()
+    assert "fedrec simulation" in capsys.readouterr().out
+
+
+def test_killed_run_resumes_with_identical_ledgers(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = simulate_args(tiny_data, out, tmp_path / "cache", "fed.rounds=3")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fedrec.cli", *args], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "round-1" / "server.json").exists():
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, Ray and its workers, mid-run
+        proc.wait()
+    killed_rounds = len(read_jsonl(out / "rounds.jsonl"))
+    assert killed_rounds < 3
+    at_kill = {p.stem: read_jsonl(p) for p in (out / "ledgers").glob("*.jsonl")}
+
+    assert main(args) == 2  # the run directory is taken: no silent overwrite
+    assert main([*args, "--resume"]) == 0
+
+    rounds = read_jsonl(out / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    for name, before in at_kill.items():
+        after = read_jsonl(out / "ledgers" / f"{name}.jsonl")
+        assert after[: len(before)] == before  # nothing lost or rewritten
+        assert [e["round"] for e in after] == [0, 1, 2, 3]  # each round counted exactly once
+        check_ledger(after)
+        assert after == own_ledger(out, name)
+        assert after[-1]["epsilon"] <= 8.0 + 1e-9

@@ -41,6 +41,7 @@ from fedrec.common.privacy import (
     check_delta,
     default_delta,
     epsilon,
+    prior_noise,
     private_counts,
 )
 
@@ -144,9 +145,14 @@ class ClientJob:
     def steps_per_round(self, local_epochs: float) -> int:
         return steps_for_epochs(local_epochs, self.sample_rate)
 
-    def _planned_prior(self) -> list[MechanismStep]:
+    def prior_sigma(self) -> float:
+        """σ of this client's counts release: its share of this client's own budget."""
         p = self.cfg.prior
-        return [MechanismStep(p.noise_multiplier, 1.0, 1)] if p.enabled and p.noise_multiplier > 0 else []
+        return prior_noise(target_epsilon=self.local.epsilon_budget, delta=self.delta, share=p.budget_share,
+                           fixed=p.noise_multiplier, accountant=self.cfg.privacy.accountant)
+
+    def _planned_prior(self) -> list[MechanismStep]:
+        return [MechanismStep(self.prior_sigma(), 1.0, 1)] if self.cfg.prior.enabled else []
 
     def noise_multiplier(self, state: ClientState, req: RoundRequest) -> float:
         """σ of DP-SGD: fixed in the config, or calibrated once so the announced plan (prior
@@ -206,14 +212,15 @@ class ClientJob:
         if (replayed := self._replay(state, req, "prior")) is not None:
             return replayed
         p = self.cfg.prior
-        step = MechanismStep(p.noise_multiplier, 1.0, 1)
+        sigma = self.prior_sigma()
+        step = MechanismStep(sigma, 1.0, 1)
         if (refused := self._refusal(state, [step], "the popularity release")) is not None:
             return refused
         contributions = [np.unique(np.asarray(self.split.train[u], dtype=np.int64)) for u in self.users]
         rng = np.random.default_rng(_seed(self.cfg.train.seed, self.local.name, req.round, "prior"))
         counts = private_counts(contributions, num_items=len(self.dataset.item_ids), clip_norm=p.clip_norm,
-                                noise_multiplier=p.noise_multiplier, rng=rng)
-        state.accountant.step(noise_multiplier=p.noise_multiplier, sample_rate=1.0, steps=1)
+                                noise_multiplier=sigma, rng=rng)
+        state.accountant.step(noise_multiplier=sigma, sample_rate=1.0, steps=1)
         entry = self._ledger_entry(state, req.round, "prior-counts", step, p.clip_norm)
         metrics = self._base_metrics(state) | _ledger_metrics(entry)
         tensors = {"counts": torch.from_numpy(counts.astype(np.float32))}

@@ -173,6 +173,17 @@ def _check_calibration_args(*, target_epsilon: float, delta: float, tol: float) 
 # --- δ ---------------------------------------------------------------------------------------
 
 
+def prior_noise(
+    *, target_epsilon: float, delta: float, share: float, fixed: float | None = None, accountant: str = "rdp"
+) -> float:
+    """σ of the one-shot counts release (q = 1): `fixed`, or the σ whose release alone costs
+    share · target_epsilon."""
+    if fixed is not None:
+        return fixed
+    return calibrate_noise(target_epsilon=share * target_epsilon, delta=delta, sample_rate=1.0, steps=1,
+                           accountant=accountant)
+
+
 def default_delta(num_users: int) -> float:
     """δ = min(1e-5, 1/(10·users)): a conventional choice strictly below 1/users."""
     if num_users < 1:

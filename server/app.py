@@ -100,7 +100,10 @@ def run_server(
             if "ledger.epsilon" in r.metrics:
                 state.ledgers.setdefault(r.client, []).append(
                     _ledger_line(rnd, "dp-sgd", r.metrics, cfg.privacy.accountant))
-        evaluation = _evaluate(grid, cfg, current, state, which="valid", num_clients=num_clients)
+        if rnd % cfg.fed.eval_every == 0 or rnd == cfg.fed.rounds:
+            evaluation = _evaluate(grid, cfg, current, state, which="valid", num_clients=num_clients)
+        else:
+            evaluation = {"users": 0.0, "betas": [], "metrics": {}, "skipped": True}
         record = {
             "round": rnd, "clients_ok": len(trained),
             "clients_refused": sorted(r.client for r in replies if r.status == "over-budget"),
@@ -200,7 +203,8 @@ def _finish(
 ) -> dict[str, Any]:
     """Test metrics at the β chosen on the last validation, the full adapter, the report."""
     key = f"ndcg@{cfg.eval.ks[0]}"
-    last_valid: dict[str, Any] = state.history[-1]["valid"] if state.history else {"metrics": {}, "betas": []}
+    evaluated = [r["valid"] for r in state.history if r["valid"]["metrics"]]
+    last_valid: dict[str, Any] = evaluated[-1] if evaluated else {"metrics": {}, "betas": []}
     i, _ = _best(last_valid, key)
     beta = float(last_valid["betas"][i]) if last_valid["betas"] else 0.0
     betas = [beta, 0.0] if state.counts is not None else []

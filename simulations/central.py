@@ -39,6 +39,7 @@ from fedrec.common.privacy import (
     calibrate_noise,
     check_delta,
     default_delta,
+    prior_noise,
     private_counts,
 )
 from fedrec.common.rundir import RunDir
@@ -102,14 +103,16 @@ def run_popularity(ctx: Context) -> list[dict[str, Any]]:
 def dp_counts(ctx: Context, accountant: PrivacyAccountant, ledger: str) -> np.ndarray:
     """Popularity released under the Gaussian mechanism, recorded in `accountant` and the ledger."""
     p = ctx.cfg.prior
+    sigma = prior_noise(target_epsilon=ctx.cfg.privacy.target_epsilon, delta=ctx.delta, share=p.budget_share,
+                        fixed=p.noise_multiplier, accountant=ctx.cfg.privacy.accountant)
     rng = np.random.default_rng(ctx.cfg.train.seed + 1)
     contributions = [np.unique(np.asarray(ctx.split.train[u], dtype=np.int64)) for u in ctx.users]
     counts = private_counts(
         contributions, num_items=len(ctx.dataset.item_ids), clip_norm=p.clip_norm,
-        noise_multiplier=p.noise_multiplier, rng=rng,
+        noise_multiplier=sigma, rng=rng,
     )
-    accountant.step(noise_multiplier=p.noise_multiplier, sample_rate=1.0, steps=1)
-    _ledger(ctx, ledger, accountant, "prior-counts", p.noise_multiplier, 1.0, 1, p.clip_norm)
+    accountant.step(noise_multiplier=sigma, sample_rate=1.0, steps=1)
+    _ledger(ctx, ledger, accountant, "prior-counts", sigma, 1.0, 1, p.clip_norm)
     return counts
 
 

@@ -55,11 +55,7 @@ def simulate(cfg: Config, out: Path, sources: Sources, *, resume: bool = False) 
         return cfg, LocalSettings(name, out / "clients" / name, budget, cfg.privacy.delta,
                                   sources.cache_dir, sources.offline)
 
-    cpus = os.cpu_count() or 1
-    backend = {
-        "client_resources": {"num_cpus": min(cfg.fed.num_cpus, cpus), "num_gpus": cfg.fed.num_gpus},
-        "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True},
-    }
+    backend = _backend(cfg)
     run_simulation(
         server_app=make_server_app(cfg, out=out, num_clients=len(names), resume=resume,
                                    cache_dir=sources.cache_dir, offline=sources.offline),
@@ -72,3 +68,16 @@ def simulate(cfg: Config, out: Path, sources: Sources, *, resume: bool = False) 
         raise FedrecError(f"the simulation ended without final results in {out}; the log above says why "
                           "(resume it with --resume)")
     return json.loads(final_path.read_text())
+
+
+def _backend(cfg: Config) -> dict[str, Any]:
+    """Ray settings: a local Ray sized to this machine, or an existing cluster (fed.ray_address)."""
+    resources = {"num_cpus": cfg.fed.num_cpus, "num_gpus": cfg.fed.num_gpus}
+    init: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
+    if cfg.fed.ray_address:  # the cluster's resources; every node sees the run dir at the same path
+        init["address"] = cfg.fed.ray_address
+    else:
+        cpus = os.cpu_count() or 1
+        resources["num_cpus"] = min(cfg.fed.num_cpus, cpus)
+        init["num_cpus"] = cpus
+    return {"client_resources": resources, "init_args": init}

@@ -18,7 +18,7 @@ def write_reports(root: Path, cfg: Config) -> None:
     ledgers = {p.stem: read_jsonl(p) for p in sorted((root / "ledgers").glob("*.jsonl"))}
     final = json.loads((root / "final" / "metrics.json").read_text())
     key = f"ndcg@{cfg.eval.ks[0]}"
-    ndcg = [(r["round"], max(r["valid"]["metrics"].get(key, [0.0]))) for r in rounds]
+    ndcg = [(r["round"], max(r["valid"]["metrics"][key])) for r in rounds if r["valid"]["metrics"].get(key)]
     eps = {c: [(x["round"], x["epsilon"]) for x in lines] for c, lines in ledgers.items()}
     md = _markdown(cfg, rounds, ledgers, final, key)
     (root / "report.md").write_text(md)
@@ -46,9 +46,10 @@ def _markdown(cfg: Config, rounds: Sequence[Mapping], ledgers: Mapping[str, Sequ
               f"| round | clients ok | refused | failed | loss | valid {key} | seconds |",
               "|---|---|---|---|---|---|---|"]
     for r in rounds:
-        best = max(r["valid"]["metrics"].get(key, [0.0]))
+        values = r["valid"]["metrics"].get(key)
+        best = f"{max(values):.4f}" if values else "—"
         lines.append(f"| {r['round']} | {r['clients_ok']} | {', '.join(r['clients_refused']) or '—'} | "
-                     f"{len(r['clients_failed'])} | {r['loss']:.4f} | {best:.4f} | {r['seconds']:.1f} |")
+                     f"{len(r['clients_failed'])} | {r['loss']:.4f} | {best} | {r['seconds']:.1f} |")
     lines += ["", "## Privacy ledgers (ε after each release)", "",
               "| client | round | mechanism | σ | q | steps | δ | ε |", "|---|---|---|---|---|---|---|---|"]
     for client, entries in ledgers.items():

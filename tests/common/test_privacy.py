@@ -14,6 +14,7 @@ from fedrec.common.privacy import (
     check_delta,
     default_delta,
     epsilon,
+    prior_noise,
     private_counts,
 )
 from opacus.accountants import RDPAccountant
@@ -287,3 +288,12 @@ def test_private_counts_reject_bad_input() -> None:
         private_counts([], num_items=3, clip_norm=0, noise_multiplier=1.0, rng=rng)
     with pytest.raises(PrivacyError, match="noise_multiplier=-1"):
         private_counts([], num_items=3, clip_norm=1.0, noise_multiplier=-1.0, rng=rng)
+
+
+def test_prior_noise_spends_its_share_of_the_budget() -> None:
+    sigma = prior_noise(target_epsilon=8.0, delta=1e-5, share=0.5)
+    assert epsilon([MechanismStep(sigma, 1.0, 1)], delta=1e-5) == pytest.approx(4.0, rel=0.02)
+    assert epsilon([MechanismStep(sigma, 1.0, 1)], delta=1e-5) <= 4.0 + 1e-9
+    assert prior_noise(target_epsilon=8.0, delta=1e-5, share=0.5, fixed=5.0) == 5.0
+    smaller = prior_noise(target_epsilon=1.0, delta=1e-5, share=0.5)
+    assert smaller > sigma  # less budget, more noise

@@ -151,3 +151,14 @@ def test_killed_run_resumes_with_identical_ledgers(tiny_data: Path, tmp_path: Pa
         check_ledger(after)
         assert after == own_ledger(out, name)
         assert after[-1]["epsilon"] <= 8.0 + 1e-9
+
+
+def test_ray_cluster_backend_uses_the_cluster_resources() -> None:
+    from fedrec.simulations.federated import _backend
+
+    local = _backend(load_config(None, ["fed.num_cpus=64"]))
+    assert local["init_args"]["num_cpus"] == (os.cpu_count() or 1)
+    assert local["client_resources"]["num_cpus"] <= local["init_args"]["num_cpus"]
+    cluster = _backend(load_config(None, ['fed.ray_address="auto"', "fed.num_cpus=4", "fed.num_gpus=0.25"]))
+    assert cluster["init_args"]["address"] == "auto" and "num_cpus" not in cluster["init_args"]
+    assert cluster["client_resources"] == {"num_cpus": 4.0, "num_gpus": 0.25}

@@ -1,7 +1,8 @@
 """The Flower ClientApp: translates messages to and from client/local.py, nothing more.
 
-Replies carry only LoRA tensors (or the noisy item counts of the prior release), scalar metrics
-and a status; no user ids, no item ids, no base-model tensors.
+Replies carry only LoRA tensors (or the noisy item counts of the prior release), scalar metrics,
+a status and the release's ledger line (mechanism, ε, budget, user count, hashes); no user ids,
+no item ids, no base-model tensors.
 
 Where a client's settings come from (its own, never the server's message):
 - `fedrec simulate` passes each simulated client's settings to `make_client_app`;
@@ -168,6 +169,8 @@ def _reply(msg: Message, outcome: Outcome, name: str) -> Message:
     })
     if outcome.tensors:
         content["arrays"] = ArrayRecord(torch_state_dict=outcome.tensors)
+    if outcome.ledger is not None:  # the whole chained line: hashes are strings, metrics only numbers
+        content["ledger"] = ConfigRecord(outcome.ledger)
     return Message(content=content, reply_to=msg)
 
 

@@ -80,6 +80,7 @@ class Outcome:
     metrics: dict[str, float]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     reason: str = ""
+    ledger: dict[str, Any] | None = None  # the chained ledger line of this release, if it spent ε
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -193,6 +194,7 @@ class ClientJob:
             "sample_rate": step.sample_rate, "steps": step.steps, "clip_norm": clip,
             "delta": self.delta, "epsilon": state.accountant.epsilon(self.delta),
             "accountant": self.cfg.privacy.accountant, "users": len(self.users),
+            "budget": self.local.epsilon_budget,
         }
 
     def _replay(self, state: ClientState, req: RoundRequest, kind: str) -> Outcome | None:
@@ -202,7 +204,7 @@ class ClientJob:
         record, tensors = stored
         log.info("%s: round %d %s already released; re-sending it (no new spend)",
                  self.local.name, req.round, kind)
-        return Outcome(STATUS_OK, dict(record["metrics"]), tensors)
+        return Outcome(STATUS_OK, dict(record["metrics"]), tensors, ledger=record.get("ledger"))
 
     # -- releases --
 
@@ -224,9 +226,9 @@ class ClientJob:
         entry = self._ledger_entry(state, req.round, "prior-counts", step, p.clip_norm)
         metrics = self._base_metrics(state) | _ledger_metrics(entry)
         tensors = {"counts": torch.from_numpy(counts.astype(np.float32))}
-        state.commit(run_id=req.run_id, kind="prior", rnd=req.round, ledger_entry=entry,
-                     metrics=metrics, tensors=tensors)
-        return Outcome(STATUS_OK, metrics, tensors)
+        chained = state.commit(run_id=req.run_id, kind="prior", rnd=req.round, ledger_entry=entry,
+                               metrics=metrics, tensors=tensors)
+        return Outcome(STATUS_OK, metrics, tensors, ledger=chained)
 
     def train(self, global_tensors: Mapping[str, torch.Tensor], req: RoundRequest) -> Outcome:
         """One round of local (DP-)training from the global adapter; replies with only LoRA tensors."""
@@ -265,9 +267,9 @@ class ClientJob:
             released = MechanismStep(dp.noise_multiplier, dp.sample_rate, steps)
             entry = self._ledger_entry(state, req.round, "dp-sgd", released, dp.clip_norm)
             metrics |= _ledger_metrics(entry)
-        state.commit(run_id=req.run_id, kind="train", rnd=req.round, ledger_entry=entry,
-                     metrics=metrics, tensors=tensors)
-        return Outcome(STATUS_OK, metrics, tensors)
+        chained = state.commit(run_id=req.run_id, kind="train", rnd=req.round, ledger_entry=entry,
+                               metrics=metrics, tensors=tensors)
+        return Outcome(STATUS_OK, metrics, tensors, ledger=chained)
 
     def evaluate(
         self, global_tensors: Mapping[str, torch.Tensor], *, which: str,

@@ -6,6 +6,8 @@ either loses an unreleased computation (no privacy spent) or keeps the whole rec
 
     <state_dir>/state.json          accountant history, ledger, σ, the rounds already answered
     <state_dir>/ledger.jsonl        the same ledger, one line per release, for people and audits
+                                    (a hash chain: common/chain.py; each line also carries the
+                                    sha256 of the tensors it released)
     <state_dir>/replies/<run>-<round>.safetensors   the adapter tensors released in that round
 
 A request for a round the client already answered (the server crashed and resumed) is answered
@@ -23,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fedrec.common import chain
 from fedrec.common.errors import PrivacyError
+from fedrec.common.lora import tensors_digest
 from fedrec.common.privacy import PrivacyAccountant
 from safetensors.torch import load_file, save_file
 
@@ -86,7 +90,8 @@ class ClientState:
     def answered_reply(
         self, run_id: str, kind: str, rnd: int
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-        """The stored record and tensors of a release this client already made, if any."""
+        """The stored record (file, metrics, chained ledger entry or None) and tensors of a release
+        this client already made, if any."""
         record = self.answered.get(self.key(run_id, kind, rnd))
         if record is None:
             return None
@@ -103,8 +108,13 @@ class ClientState:
         ledger_entry: Mapping[str, Any] | None,
         metrics: Mapping[str, Any],
         tensors: Mapping[str, torch.Tensor],
-    ) -> None:
-        """Record one release (its ledger line and its reply) durably, before it is sent."""
+    ) -> dict[str, Any] | None:
+        """Record one release (its ledger line and its reply) durably, before it is sent.
+
+        The ledger line is chained to the ledger (common/chain.py) with the sha256 of the tensors
+        it releases; the chained line is returned (None without a ledger line) and stored with the
+        reply, so a replay re-sends the very same line.
+        """
         key = self.key(run_id, kind, rnd)
         name = ""
         if tensors:
@@ -114,9 +124,12 @@ class ClientState:
             tmp = self.root / "replies" / f".{name}.tmp"
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
             os.replace(tmp, self.root / "replies" / name)
+        entry = None
         if ledger_entry is not None:
-            self.ledger.append(dict(ledger_entry))
-        self.answered[key] = {"file": name, "metrics": dict(metrics)}
+            entry = chain.link({**ledger_entry, "run_id": run_id, "adapter_sha256": tensors_digest(tensors)},
+                               self.ledger)
+            self.ledger.append(entry)
+        self.answered[key] = {"file": name, "metrics": dict(metrics), "ledger": entry}
         state = {
             "version": STATE_VERSION, "accountant": self.accountant.state_dict(),
             "ledger": self.ledger, "answered": self.answered, "noise_multiplier": self.noise_multiplier,
@@ -124,3 +137,4 @@ class ClientState:
         atomic_write_json(self.root / "state.json", state)
         lines = "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.ledger)
         atomic_write_bytes(self.root / "ledger.jsonl", lines.encode())
+        return entry

@@ -25,7 +25,7 @@ import torch
 from fedrec.common.config import Config, from_run_config, to_dict
 from fedrec.common.errors import AdapterError, ConfigError
 from fedrec.common.evaluation import PRIOR_WEIGHTS
-from fedrec.common.lora import save_adapter, validate_adapter
+from fedrec.common.lora import save_adapter, tensors_digest, validate_adapter
 from fedrec.common.model import build_recommender
 from fedrec.common.rundir import RunDir
 from fedrec.server.strategy import aggregate, load_strategy_state, make_strategy, strategy_state, to_record
@@ -55,6 +55,7 @@ class Reply:
     metrics: dict[str, Any]
     tensors: dict[str, torch.Tensor]
     bytes_up: int
+    ledger: dict[str, Any] | None = None  # the client's chained ledger line for this release
 
 
 def run_server(
@@ -97,9 +98,9 @@ def run_server(
         if merged is not None:
             current = {k: merged[k].to(initial[k].dtype) for k in trainable_keys}
         for r in trained:
-            if "ledger.epsilon" in r.metrics:
+            if r.ledger is not None or "ledger.epsilon" in r.metrics:
                 state.ledgers.setdefault(r.client, []).append(
-                    _ledger_line(rnd, "dp-sgd", r.metrics, cfg.privacy.accountant))
+                    _ledger_line(rnd, "dp-sgd", r, cfg.privacy.accountant))
         if rnd % cfg.fed.eval_every == 0 or rnd == cfg.fed.rounds:
             evaluation = _evaluate(grid, cfg, current, state, which="valid", num_clients=num_clients)
         else:
@@ -149,7 +150,7 @@ def _prior_release(grid: Grid, cfg: Config, state: ServerState, num_clients: int
         counts = r.tensors["counts"].numpy().astype(np.float64)
         total = counts if total is None else total + counts
         state.ledgers.setdefault(r.client, []).append(
-            _ledger_line(0, "prior-counts", r.metrics, cfg.privacy.accountant))
+            _ledger_line(0, "prior-counts", r, cfg.privacy.accountant))
     return total
 
 
@@ -255,14 +256,22 @@ def _parse(
                     failures.append(f"{client}: {exc}")
                     log.warning("round %d: rejected the adapter of %s: %s", rnd, client, exc)
                     continue
+        ledger = dict(c.config_records["ledger"]) if "ledger" in c.config_records else None
+        if ledger is not None and ledger.get("adapter_sha256") != tensors_digest(tensors):
+            failures.append(f"{client}: the released tensors do not match the digest in its ledger line")
+            log.warning("round %d: %s sent tensors that do not match its ledger line", rnd, client)
+            continue
         replies.append((msg, Reply(client, str(status.get("status", "ok")), str(status.get("reason", "")),
-                                   metrics, tensors, size)))
+                                   metrics, tensors, size, ledger)))
     return replies, failures
 
 
-def _ledger_line(rnd: int, mechanism: str, metrics: Mapping[str, Any], accountant: str) -> dict[str, Any]:
-    """The server's copy of a client's ledger line: what the client reported for this release."""
-    line = {k.removeprefix("ledger."): v for k, v in metrics.items() if k.startswith("ledger.")}
+def _ledger_line(rnd: int, mechanism: str, reply: Reply, accountant: str) -> dict[str, Any]:
+    """The server's copy of a client's ledger line: the chained line the client sent, verbatim,
+    or (a client without ledger chains) what it reported in its "ledger.*" metrics."""
+    if reply.ledger is not None:
+        return dict(reply.ledger)
+    line = {k.removeprefix("ledger."): v for k, v in reply.metrics.items() if k.startswith("ledger.")}
     line["steps"] = int(line.get("steps", 0))
     return {"round": rnd, "mechanism": mechanism, "accountant": accountant, **line}
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 from fedrec.client import app as client_app
 from fedrec.client.local import LocalSettings
+from fedrec.common import chain
 from fedrec.common.config import Config, load_config
+from fedrec.common.lora import tensors_digest
 from fedrec.common.model import build_recommender
 from fedrec.common.privacy import MechanismStep, epsilon
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -69,10 +71,12 @@ def test_reply_carries_only_lora_tensors_and_scalars(tiny_data: Path, tmp_path: 
     assert any(not torch.equal(tensors[k], sent[k]) for k in sent)  # it trained
     metrics = dict(content["metrics"])
     assert all(isinstance(v, int | float) for v in metrics.values())
-    assert set(content.config_records) == {"status"}
+    assert set(content.config_records) == {"status", "ledger"}
     status = dict(content["status"])
     assert status["status"] == "ok" and set(status) == {"status", "reason", "client"}
-    text = json.dumps(status)  # no user or item ids in any string that leaves
+    ledger = dict(content["ledger"])  # the chained ledger line: numbers, names and hashes
+    assert ledger["adapter_sha256"] == tensors_digest(tensors) and ledger["mechanism"] == "dp-sgd"
+    text = json.dumps([status, ledger])  # no user or item ids in any string that leaves
     assert not any(f'"u{i}"' in text or f'"i{i}"' in text for i in range(30))
     assert 0 < metrics["epsilon"] <= 8.0
 
@@ -105,8 +109,10 @@ def test_rounds_compose_across_restarts_and_replays_cost_nothing(tiny_data: Path
     first = make_app(cfg, tmp_path, 8.0)(train_message(sent, 1), context())
     again = make_app(cfg, tmp_path, 8.0)(train_message(sent, 1), context())  # the server resumed
     assert dict(again.content["metrics"]) == dict(first.content["metrics"])
+    assert dict(again.content["ledger"]) == dict(first.content["ledger"])  # the same line, not a new one
     a, b = (m.content["arrays"].to_torch_state_dict() for m in (first, again))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert dict(first.content["ledger"])["adapter_sha256"] == tensors_digest(a)
 
     client_app._JOBS.clear()  # a new process: everything it knows comes from the state directory
     client_app._SHARED.clear()
@@ -117,6 +123,8 @@ def test_rounds_compose_across_restarts_and_replays_cost_nothing(tiny_data: Path
     assert ledger[-1]["epsilon"] == pytest.approx(epsilon(history, delta=ledger[-1]["delta"]), rel=1e-9)
     assert dict(second.content["metrics"])["epsilon"] == pytest.approx(ledger[-1]["epsilon"])
     assert ledger[1]["epsilon"] > ledger[0]["epsilon"]
+    assert chain.verify(ledger).status == "intact" and ledger[1]["prev_sha256"] == ledger[0]["entry_sha256"]
+    assert dict(second.content["ledger"]) == ledger[1] and ledger[1]["budget"] == 8.0
 
 
 def test_unreadable_state_stops_the_client(tiny_data: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from fedrec.cli import main
+from fedrec.common import chain
 from fedrec.common.config import load_config
 from fedrec.common.model import build_recommender
 from fedrec.common.privacy import MechanismStep, epsilon
@@ -26,6 +27,11 @@ TINY = [
     "train.batch_size=8", "train.negatives=3", "model.max_history_tokens=120", "model.max_item_tokens=40",
     "fed.clients=3", "fed.local_epochs=0.5", "eval.batch_size=256",
 ]
+
+LEDGER_KEYS = {
+    "round", "mechanism", "noise_multiplier", "sample_rate", "steps", "clip_norm", "delta", "epsilon",
+    "accountant", "users", "budget", "run_id", "adapter_sha256", "seq", "prev_sha256", "entry_sha256",
+}
 
 
 def simulate_args(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
@@ -48,9 +54,10 @@ def check_ledger(lines: list[dict[str, Any]]) -> None:
 
 
 def own_ledger(run: Path, client: str) -> list[dict[str, Any]]:
-    """The ledger in the client's own state directory, less what the server is not told."""
+    """The ledger in the client's own state directory (hash-chained)."""
     lines = read_jsonl(run / "clients" / client / "ledger.jsonl")
-    return [{k: v for k, v in e.items() if k != "users"} for e in lines]
+    assert chain.verify(lines).status == "intact"
+    return lines
 
 
 def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -97,8 +104,10 @@ def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch, cap
             for value in metrics.values():
                 values = value if isinstance(value, list) else [value]
                 assert all(isinstance(v, int | float) for v in values)
-        assert set(m["configs"]) == {"status"}
+        assert set(m["configs"]) <= {"status", "ledger"}
         assert set(m["configs"]["status"]) == {"status", "reason", "client"}
+        if "ledger" in m["configs"]:  # the release's chained ledger line: numbers and hashes only
+            assert set(m["configs"]["ledger"]) == LEDGER_KEYS
     trained = [m for m in seen if m["round"] >= 1 and m["arrays"]]
     assert len(trained) == 4 and all(set(m["arrays"]["arrays"]) == lora_keys for m in trained)
 

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedrec.common.errors import FedrecError
+from fedrec.common.errors import ConfigError, FedrecError
 
 log = logging.getLogger("fedrec")
 
@@ -37,6 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(simulate)
     simulate.add_argument("--resume", action="store_true",
                           help="continue the run in --output from its last checkpoint")
+    audit = sub.add_parser("audit", help="verify privacy ledgers independently; optional canary audit")
+    audit.add_argument("paths", nargs="*", type=Path, metavar="RUN_DIR_OR_LEDGER",
+                       help="run directories, client state directories or ledger .jsonl files")
+    audit.add_argument("--format", choices=("md", "html", "json"), default=None,
+                       help="report format (default: from --output's suffix, else md)")
+    audit.add_argument("--output", type=Path, help="write the report here (default: standard output)")
+    audit.add_argument("--empirical", action="store_true",
+                       help="also run the one-run canary audit on the simulation config (--config)")
+    audit.add_argument("--config", type=Path, help="simulation config for --empirical")
+    audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one setting of --config (repeatable)")
+    audit.add_argument("--canaries", type=int, default=None, help="--empirical: number of canary users")
+    audit.add_argument("--data", help="--empirical: local data set directory")
+    audit.add_argument("--model", help="--empirical: local model directory, .gguf file or hub id")
+    audit.add_argument("--cache-dir", type=Path)
+    audit.add_argument("--offline", action="store_true")
     fetch = sub.add_parser("fetch", help="download and verify the default assets into the cache")
     fetch.add_argument("--cache-dir", type=Path)
     fetch.add_argument("--offline", action="store_true")
@@ -100,7 +116,41 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train-central": cmd_train_central, "simulate": cmd_simulate, "fetch": cmd_fetch}
+def cmd_audit(args: argparse.Namespace) -> int:
+    from fedrec.simulations.audit import empty_report, run_audit
+    from fedrec.simulations.audit_report import render
+
+    if not args.paths and not args.empirical:
+        raise ConfigError("fedrec audit: name a run directory or ledger file, or pass --empirical --config FILE")
+    fmt = args.format or _format_of(args.output)
+    report = run_audit(args.paths) if args.paths else empty_report()
+    if args.empirical:
+        from fedrec.simulations.empirical_audit import empirical_audit
+
+        empirical_audit(report, _settings(args), _sources(args), canaries=args.canaries)
+    text = render(report, fmt)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text, encoding="utf-8")
+        sys.stdout.write(f"report: {args.output}\n")
+    else:
+        sys.stdout.write(text)
+    failures = report.failures()
+    if failures:
+        sys.stderr.write(f"fedrec: audit FAILED ({len(failures)} failing checks):\n")
+        sys.stderr.write("".join(f"  - {f}\n" for f in failures))
+        return 1
+    sys.stderr.write("fedrec: audit passed\n")
+    return 0
+
+
+def _format_of(output: Path | None) -> str:
+    suffix = output.suffix.lower().lstrip(".") if output else ""
+    return {"htm": "html", "html": "html", "json": "json"}.get(suffix, "md")
+
+
+COMMANDS = {"train-central": cmd_train_central, "simulate": cmd_simulate, "fetch": cmd_fetch,
+            "audit": cmd_audit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

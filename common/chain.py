@@ -45,31 +45,54 @@ def head(ledger: Sequence[Mapping[str, Any]]) -> str:
 
 @dataclass(frozen=True)
 class ChainReport:
-    """The verdict on one ledger's chain: "intact", "broken" or "unchained" (no chain fields)."""
+    """The verdict on one ledger's chain.
+
+    status: "intact"; "broken" (problems name the entries); "unchained" (a ledger written before
+    chains existed: nothing to verify); "partly-unchained" (such a prefix, then an intact chain).
+    notes: remarks that are not failures, e.g. a copy that starts mid-chain.
+    """
 
     status: str
     problems: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
-def verify(ledger: Sequence[Mapping[str, Any]]) -> ChainReport:
-    """Check every entry's own hash, its link to the entry before it and its position."""
+def verify(ledger: Sequence[Mapping[str, Any]], *, mid_chain: bool = False) -> ChainReport:
+    """Check every entry's own hash, its link to the entry before it and its position.
+
+    A ledger may start with unchained (pre-chain) entries; after the first chained entry every
+    entry must be chained. With `mid_chain`, a copy that starts mid-chain (seq > 0: the server's
+    copy of one run of a client that took part in earlier runs) is anchored at its first entry,
+    and the report says so; without it (a client's whole ledger) the chain must start at seq 0.
+    """
     chained = [all(f in e for f in CHAIN_FIELDS) for e in ledger]
-    if ledger and not any(chained):
+    legacy = next((i for i, c in enumerate(chained) if c), len(ledger))
+    if ledger and legacy == len(ledger):
         return ChainReport("unchained")
     problems: list[str] = []
-    prev = GENESIS
-    for i, entry in enumerate(ledger):
+    notes: list[str] = []
+    prev, offset = GENESIS, 0  # offset: seq of position 0 (non-zero only for a mid-chain copy)
+    if mid_chain and legacy == 0 and ledger and ledger[0]["seq"] != 0:
+        prev, offset = str(ledger[0]["prev_sha256"]), int(ledger[0]["seq"])
+        notes.append(f"the chain starts at seq {offset}: earlier entries are not in this copy, so "
+                     "its first link is taken on trust (compare with the client's own ledger)")
+    for i in range(legacy, len(ledger)):
+        entry = ledger[i]
         where = f"entry {i} (round {entry.get('round', '?')}, {entry.get('mechanism', '?')})"
         if not chained[i]:
-            problems.append(f"{where} has no chain fields (inserted or stripped)")
-            prev = GENESIS
+            problems.append(f"{where} has no chain fields (inserted, or its hashes stripped)")
             continue
         if entry["entry_sha256"] != entry_hash(entry):
             problems.append(f"{where} was edited: its content does not match its entry_sha256")
         if entry["prev_sha256"] != prev:
-            problems.append(f"{where} does not follow the entry before it (deleted, reordered or "
-                            "appended out of order)")
-        if entry["seq"] != i:
-            problems.append(f"{where} carries seq {entry['seq']!r} at position {i}")
+            problems.append(f"{where} does not follow the entry before it (an entry was deleted, "
+                            "reordered or appended out of order)")
+        if entry["seq"] != i + offset:
+            problems.append(f"{where} carries seq {entry['seq']!r} at position {i + offset}")
         prev = str(entry["entry_sha256"])
-    return ChainReport("broken" if problems else "intact", tuple(problems))
+    if problems:
+        return ChainReport("broken", tuple(problems), tuple(notes))
+    if legacy:
+        notes.append(f"the first {legacy} entries predate ledger chains and cannot be verified")
+        return ChainReport("partly-unchained", (), tuple(notes))
+    return ChainReport("intact", (), tuple(notes))

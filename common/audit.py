@@ -1,0 +1,270 @@
+"""Checks over one client's privacy ledger: ε re-derived independently, budget, δ, chain, rounds.
+
+Every check yields a `Check` with status PASS, FAIL or WARN (and INFO for stated facts). A ledger
+passes when no check FAILs; a WARN (e.g. a ledger written before hash chains) is shown to the
+reader but does not fail the audit. Pure functions over JSON-like dicts: no torch, no files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedrec.common import accountants, chain
+from fedrec.common.errors import PrivacyError
+from fedrec.common.privacy import MechanismStep
+
+PASS, FAIL, WARN, INFO = "pass", "fail", "warn", "info"
+MECHANISM_KEYS = ("round", "mechanism", "noise_multiplier", "sample_rate", "steps", "delta", "epsilon")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a reported ε may sit below the independent re-derivation before it is flagged.
+
+    A reported ε is flagged when it is below ref·(1 - rel) - abs, ref being the smallest ε of the
+    independent accountants (dp-accounting RDP and PLD). PLD is near-exact for this mechanism and
+    pessimistic by its discretisation (1e-4 in the privacy loss), so no valid accounting of the
+    recorded mechanism can claim noticeably less; 1 % + 0.01 absorbs numerical differences.
+    """
+
+    rel: float = 0.01
+    abs: float = 0.01
+
+    def below(self, reported: float, reference: float) -> bool:
+        return reported < reference * (1 - self.rel) - self.abs
+
+    def above(self, value: float, budget: float) -> bool:
+        return value > budget * (1 + self.rel) + self.abs
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a run directory adds to a bare ledger file."""
+
+    trained_rounds: tuple[int, ...]  # rounds in which rounds.jsonl says this client trained
+    round_epsilon: Mapping[int, float]  # round -> ε this client reported in rounds.jsonl
+    prior_released: bool  # the server's prior release took this client's counts
+    dp: bool  # fed.dp: DP-SGD rounds must appear in the ledger
+    own_copy: Sequence[Mapping[str, Any]] | None  # the client's own ledger, where the run holds it
+    budget: float | None = None  # the configured budget (when the ledger does not record one)
+    batch_size: int | None = None  # train.batch_size: q must be batch_size / users (Poisson)
+
+
+@dataclass
+class ClientAudit:
+    """One client's ledger and the verdict on it."""
+
+    client: str
+    source: str
+    entries: list[dict[str, Any]]
+    budget: float | None = None
+    users: int | None = None
+    delta: float | None = None
+    rederived: dict[str, list[float]] = field(default_factory=dict)  # accountant -> ε per entry
+    checks: list[Check] = field(default_factory=list)
+    chain_head: str = chain.GENESIS
+
+    @property
+    def spent(self) -> float:
+        return float(self.entries[-1]["epsilon"]) if self.entries else 0.0
+
+    @property
+    def remaining(self) -> float | None:
+        return None if self.budget is None else self.budget - self.spent
+
+    @property
+    def passed(self) -> bool:
+        return all(c.status != FAIL for c in self.checks)
+
+    def final(self) -> dict[str, float]:
+        """Accountant -> ε after the last entry."""
+        return {k: v[-1] for k, v in self.rederived.items() if v}
+
+    def agreement(self) -> float:
+        """Largest relative gap between the training accountant's family and its independent twin."""
+        finals = self.final()
+        gaps = [abs(finals[a] - finals[b]) / max(finals[b], 1e-12)
+                for a, b in ((accountants.OPACUS_RDP, accountants.DPACC_RDP),
+                             (accountants.OPACUS_PRV, accountants.DPACC_PLD))
+                if a in finals and b in finals and math.isfinite(finals[a])]
+        return max(gaps, default=0.0)
+
+
+def audit_ledger(
+    client: str, entries: Sequence[Mapping[str, Any]], *, source: str, context: RunContext | None = None,
+    tol: Tolerance = Tolerance(), mid_chain: bool = False,
+) -> ClientAudit:
+    """Run every check on one client's ledger (and, with `context`, against its run)."""
+    audit = ClientAudit(client, source, [dict(e) for e in entries], chain_head=chain.head(entries))
+    fields = _check_fields(audit.entries)
+    audit.checks.append(fields)
+    audit.checks.append(_check_chain(audit.entries, mid_chain=mid_chain))
+    if context is not None:
+        audit.checks += [_check_rounds(audit.entries, context), _check_copy(audit.entries, context)]
+    if fields.status == FAIL or not audit.entries:
+        return audit
+    audit.budget = _recorded(audit.entries, "budget", context.budget if context else None)
+    audit.users = _recorded(audit.entries, "users", None)
+    audit.delta = float(audit.entries[-1]["delta"])
+    history = [MechanismStep(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in audit.entries]
+    audit.rederived = accountants.running_epsilons(history, audit.delta)
+    audit.checks += [
+        _check_epsilon(audit, tol), _check_budget(audit, tol), _check_delta(audit),
+        _check_sampling(audit, context.batch_size if context else None),
+    ]
+    return audit
+
+
+# --- individual checks -----------------------------------------------------------------------
+
+
+def _check_fields(entries: Sequence[Mapping[str, Any]]) -> Check:
+    name = "ledger readable"
+    if not entries:
+        return Check(name, WARN, "the ledger is empty: this client released nothing")
+    for i, e in enumerate(entries):
+        missing = [k for k in MECHANISM_KEYS if k not in e]
+        if missing:
+            return Check(name, FAIL, f"entry {i} lacks {', '.join(missing)}: its ε cannot be re-derived")
+        try:
+            MechanismStep(e["noise_multiplier"], e["sample_rate"], e["steps"])
+        except PrivacyError as exc:
+            return Check(name, FAIL, f"entry {i}: {exc}")
+    deltas = {float(e["delta"]) for e in entries}
+    if len(deltas) > 1:
+        return Check(name, FAIL, f"δ changes between releases ({sorted(deltas)}); ε composes at one δ")
+    return Check(name, PASS, f"{len(entries)} releases, each with σ, q, steps, δ and ε")
+
+
+def _check_chain(entries: Sequence[Mapping[str, Any]], *, mid_chain: bool) -> Check:
+    name = "hash chain"
+    report = chain.verify(entries, mid_chain=mid_chain)
+    if report.status == "broken":
+        return Check(name, FAIL, "; ".join(report.problems))
+    if report.status == "unchained":
+        return Check(name, WARN, "unchained: the ledger was written before hash chains; edits, deletions "
+                     "and reordering cannot be detected")
+    notes = "; ".join(report.notes)
+    if report.status == "partly-unchained" or notes:
+        return Check(name, WARN, notes)
+    return Check(name, PASS, f"{len(entries)} entries linked, head {chain.head(entries)[:16]}…")
+
+
+def _check_epsilon(audit: ClientAudit, tol: Tolerance) -> Check:
+    name = "ε re-derived"
+    independent = [audit.rederived[a] for a in accountants.INDEPENDENT]
+    bad = []
+    for i, e in enumerate(audit.entries):
+        reported = float(e["epsilon"])
+        reference = min(values[i] for values in independent)
+        if tol.below(reported, reference):
+            bad.append(f"round {e['round']} ({e['mechanism']}): reported ε={reported:.4f} < "
+                       f"re-derived {reference:.4f}")
+        if i and reported < float(audit.entries[i - 1]["epsilon"]):
+            bad.append(f"round {e['round']}: ε went down from {audit.entries[i - 1]['epsilon']:.4f}")
+    if bad:
+        return Check(name, FAIL, "; ".join(bad))
+    finals = audit.final()
+    return Check(name, PASS, "every reported ε ≥ the independent re-derivation (tolerance "
+                 f"{tol.rel:.0%} + {tol.abs}); final: " + ", ".join(f"{k} {v:.3f}" for k, v in finals.items()))
+
+
+def _check_budget(audit: ClientAudit, tol: Tolerance) -> Check:
+    name = "within budget"
+    if audit.budget is None:
+        return Check(name, WARN, "no budget recorded in the ledger (or the run's config): spend cannot be "
+                     "checked against it")
+    same = audit.rederived[accountants.SAME_FAMILY.get(str(audit.entries[-1].get("accountant")),
+                                                       accountants.DPACC_RDP)]
+    over = []
+    for i, e in enumerate(audit.entries):
+        reported = float(e["epsilon"])
+        if reported > audit.budget * (1 + 1e-9) or tol.above(same[i], audit.budget):
+            over.append(f"round {e['round']} ({e['mechanism']}) took ε to {max(reported, same[i]):.4f} "
+                        f"> budget {audit.budget:g}")
+    if over:
+        return Check(name, FAIL, "; ".join(over))
+    return Check(name, PASS, f"ε {audit.spent:.3f} of {audit.budget:g} spent, never over")
+
+
+def _check_delta(audit: ClientAudit) -> Check:
+    name = "δ < 1/users"
+    assert audit.delta is not None
+    if audit.users is None:
+        return Check(name, WARN, f"δ={audit.delta:.2e}; the ledger does not record the number of users")
+    if audit.users < 1 or audit.delta >= 1.0 / audit.users:
+        return Check(name, FAIL, f"δ={audit.delta:.2e} ≥ 1/{audit.users} users: a mechanism that publishes "
+                     "one user's data outright could meet it")
+    return Check(name, PASS, f"δ={audit.delta:.2e} < 1/{audit.users} = {1 / audit.users:.2e}")
+
+
+def _check_sampling(audit: ClientAudit, batch_size: int | None) -> Check:
+    """q of every DP-SGD block must be the Poisson rate batch_size/users (what was accounted)."""
+    name = "Poisson sampling rate"
+    sgd = [e for e in audit.entries if e["mechanism"] == "dp-sgd"]
+    if not sgd:
+        return Check(name, INFO, "no DP-SGD release (only full releases, q = 1)")
+    if batch_size is None or audit.users is None:
+        return Check(name, INFO, "q recorded per release; batch size or users unknown, rate not re-checked")
+    expected = min(1.0, batch_size / audit.users)
+    wrong = [e for e in sgd if not math.isclose(float(e["sample_rate"]), expected, rel_tol=1e-9)]
+    if wrong:
+        return Check(name, FAIL, f"q={wrong[0]['sample_rate']} in round {wrong[0]['round']}, but Poisson "
+                     f"sampling at batch size {batch_size} of {audit.users} users gives q={expected:.6g}")
+    return Check(name, PASS, f"q = {batch_size}/{audit.users} = {expected:.4g} in every DP-SGD release")
+
+
+def _check_rounds(entries: Sequence[Mapping[str, Any]], ctx: RunContext) -> Check:
+    name = "rounds complete"
+    rounds = [int(e.get("round", -1)) for e in entries if e.get("mechanism") == "dp-sgd"]
+    problems = []
+    missing = sorted(set(ctx.trained_rounds) - set(rounds)) if ctx.dp else []
+    if missing:
+        problems.append(f"rounds {missing} were trained (rounds.jsonl) but have no ledger entry")
+    extra = sorted(set(rounds) - set(ctx.trained_rounds))
+    if extra:
+        problems.append(f"rounds {extra} are in the ledger but the run records no training in them")
+    if rounds != sorted(set(rounds)):
+        problems.append(f"rounds out of order or repeated: {rounds}")
+    priors = [e for e in entries if e.get("mechanism") == "prior-counts"]
+    if ctx.prior_released and not priors:
+        problems.append("the prior release took this client's counts but the ledger has no prior-counts entry")
+    for e in entries:
+        told = ctx.round_epsilon.get(int(e.get("round", -1)))
+        if e.get("mechanism") == "dp-sgd" and told is not None and not math.isclose(told, float(e["epsilon"]),
+                                                                                     rel_tol=1e-9):
+            problems.append(f"round {e['round']}: ledger ε={e['epsilon']:.4f} but the client reported "
+                            f"{told:.4f} in rounds.jsonl")
+    if problems:
+        return Check(name, FAIL, "; ".join(problems))
+    return Check(name, PASS, f"one entry for each of the {len(ctx.trained_rounds)} rounds trained"
+                 + (" and for the prior release" if ctx.prior_released else ""))
+
+
+def _check_copy(entries: Sequence[Mapping[str, Any]], ctx: RunContext) -> Check:
+    name = "server copy = client's own ledger"
+    if ctx.own_copy is None:
+        return Check(name, WARN, "the client's own ledger is not in this run directory (a deployed client "
+                     "keeps it): ask the client for its chain head to compare")
+    own = [dict(e) for e in ctx.own_copy]
+    if own == [dict(e) for e in entries]:
+        return Check(name, PASS, f"identical, chain head {chain.head(own)[:16]}…")
+    first = next((i for i, (a, b) in enumerate(zip(own, entries, strict=False)) if a != dict(b)),
+                 min(len(own), len(entries)))
+    return Check(name, FAIL, f"the copies differ from entry {first} on ({len(entries)} entries here, "
+                 f"{len(own)} in the client's own ledger)")
+
+
+def _recorded(entries: Sequence[Mapping[str, Any]], key: str, default: Any) -> Any:
+    values = [e[key] for e in entries if key in e]
+    return values[-1] if values else default

@@ -135,7 +135,7 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 CSS = ("body{font-family:sans-serif;max-width:72em;margin:1em auto;color:#222}"
        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #bbb;padding:3px 6px;"
-       "font-size:13px;vertical-align:top}th{background:#eee}.pass{color:#060;font-weight:bold}"
+       "font-size:13px;vertical-align:top}td:first-child{white-space:nowrap}th{background:#eee}.pass{color:#060;font-weight:bold}"
        ".fail{color:#b00;font-weight:bold}.warn{color:#a60;font-weight:bold}.info{color:#555}"
        ".plots{display:flex;flex-wrap:wrap;gap:12px}h1.pass{color:#060}h1.fail{color:#b00}")
 

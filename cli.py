@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--config", type=Path, help="simulation config for --empirical")
     audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting of --config (repeatable)")
-    audit.add_argument("--canaries", type=int, default=None, help="--empirical: number of canary users")
+    audit.add_argument("--canaries", type=int, default=None,
+                       help="--empirical: number of canary users (default 200)")
+    audit.add_argument("--canary-kind", choices=("gradient", "input"), default="gradient",
+                       help="--empirical: white-box gradient canaries (default) or black-box input canaries")
     audit.add_argument("--data", help="--empirical: local data set directory")
     audit.add_argument("--model", help="--empirical: local model directory, .gguf file or hub id")
     audit.add_argument("--cache-dir", type=Path)
@@ -121,13 +124,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from fedrec.simulations.audit_report import render
 
     if not args.paths and not args.empirical:
-        raise ConfigError("fedrec audit: name a run directory or ledger file, or pass --empirical --config FILE")
+        raise ConfigError("fedrec audit: name a run directory or ledger file, "
+                          "or pass --empirical --config FILE")
     fmt = args.format or _format_of(args.output)
     report = run_audit(args.paths) if args.paths else empty_report()
     if args.empirical:
         from fedrec.simulations.empirical_audit import empirical_audit
 
-        empirical_audit(report, _settings(args), _sources(args), canaries=args.canaries)
+        empirical_audit(report, _settings(args), _sources(args), canaries=args.canaries,
+                        kind=args.canary_kind)
     text = render(report, fmt)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ def _running(make: Callable[[], dp_accounting.PrivacyAccountant], history: Seque
              delta: float) -> list[float]:
     """ε after each block of `history`, composing incrementally in one dp-accounting accountant."""
     accountant = make()
-    out = []
+    out: list[float] = []
     with _quiet_absl():
         for step in history:
             if step.noise_multiplier == 0:

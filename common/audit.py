@@ -176,7 +176,8 @@ def _check_epsilon(audit: ClientAudit, tol: Tolerance) -> Check:
         return Check(name, FAIL, "; ".join(bad))
     finals = audit.final()
     return Check(name, PASS, "every reported ε ≥ the independent re-derivation (tolerance "
-                 f"{tol.rel:.0%} + {tol.abs}); final: " + ", ".join(f"{k} {v:.3f}" for k, v in finals.items()))
+                 f"{tol.rel:.0%} + {tol.abs}); final: "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in finals.items()))
 
 
 def _check_budget(audit: ClientAudit, tol: Tolerance) -> Check:
@@ -238,7 +239,8 @@ def _check_rounds(entries: Sequence[Mapping[str, Any]], ctx: RunContext) -> Chec
         problems.append(f"rounds out of order or repeated: {rounds}")
     priors = [e for e in entries if e.get("mechanism") == "prior-counts"]
     if ctx.prior_released and not priors:
-        problems.append("the prior release took this client's counts but the ledger has no prior-counts entry")
+        problems.append("the prior release took this client's counts but the ledger has no "
+                        "prior-counts entry")
     for e in entries:
         told = ctx.round_epsilon.get(int(e.get("round", -1)))
         if e.get("mechanism") == "dp-sgd" and told is not None and not math.isclose(told, float(e["epsilon"]),

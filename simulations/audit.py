@@ -71,7 +71,8 @@ class AuditReport:
         for t in self.targets:
             out += [f"{t.path}: {c.name}: {c.detail}" for c in t.checks if c.status == FAIL]
             for ca in t.clients:
-                out += [f"{t.path} [{ca.client}]: {c.name}: {c.detail}" for c in ca.checks if c.status == FAIL]
+                out += [f"{t.path} [{ca.client}]: {c.name}: {c.detail}"
+                        for c in ca.checks if c.status == FAIL]
         out += [f"empirical: {c.name}: {c.detail}" for c in self.empirical_checks if c.status == FAIL]
         return out
 
@@ -80,10 +81,11 @@ class AuditReport:
         return not self.failures()
 
 
-def run_audit(paths: Sequence[Path], *, tol: Tolerance = Tolerance()) -> AuditReport:
+def run_audit(paths: Sequence[Path], *, tol: Tolerance | None = None) -> AuditReport:
     """Audit every path (run dir, client state dir or ledger file)."""
     if not paths:
         raise DataError("fedrec audit: name at least one run directory or ledger file (or use --empirical)")
+    tol = tol or Tolerance()
     targets = [_audit_path(Path(p), tol) for p in paths]
     checksums: dict[str, str] = {}
     for t in targets:
@@ -91,8 +93,8 @@ def run_audit(paths: Sequence[Path], *, tol: Tolerance = Tolerance()) -> AuditRe
     return AuditReport(_now(), targets, tol, package_versions(), checksums)
 
 
-def empty_report(tol: Tolerance = Tolerance()) -> AuditReport:
-    return AuditReport(_now(), [], tol, package_versions(), {})
+def empty_report(tol: Tolerance | None = None) -> AuditReport:
+    return AuditReport(_now(), [], tol or Tolerance(), package_versions(), {})
 
 
 def _now() -> str:
@@ -269,7 +271,8 @@ def assumptions(record: RunRecord | None, clients: Sequence[ClientAudit]) -> lis
         Check("item catalogue text", INFO, "not covered, and needs no cover: public item titles and genres"),
         Check("evaluation metrics", WARN, "not covered: clients send HR/NDCG/MRR of their own validation "
               "and test users to the server without noise"),
-        Check("hyperparameters", WARN, "not covered: settings and the prior weight β chosen on validation users"),
+        Check("hyperparameters", WARN,
+              "not covered: settings and the prior weight β chosen on validation users"),
     ]
     return out
 

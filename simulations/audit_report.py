@@ -10,7 +10,6 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-
 from fedrec.common import accountants
 from fedrec.common.audit import Check, ClientAudit
 from fedrec.simulations.audit import AuditReport, Target
@@ -48,7 +47,8 @@ def to_json(report: AuditReport) -> dict[str, Any]:
 
 def _target_json(t: Target) -> dict[str, Any]:
     return {"path": str(t.path), "kind": t.kind, "checks": [asdict(c) for c in t.checks],
-            "assumptions": [asdict(c) for c in t.assumptions], "clients": [_client_json(c) for c in t.clients]}
+            "assumptions": [asdict(c) for c in t.assumptions],
+            "clients": [_client_json(c) for c in t.clients]}
 
 
 def _client_json(ca: ClientAudit) -> dict[str, Any]:
@@ -88,7 +88,8 @@ def to_markdown(report: AuditReport) -> str:
                 _md_table(EMPIRICAL_HEADER, [r.row() for r in report.empirical]), ""]
         out += [r.note for r in report.empirical[:1]] + [""]
         out += [f"- {MARK[c.status]} {c.name}: {c.detail}" for c in report.empirical_checks] + [""]
-    out += ["## Versions and checksums", "", _md_table(["package", "version"], sorted(report.versions.items())),
+    versions = _md_table(["package", "version"], sorted(report.versions.items()))
+    out += ["## Versions and checksums", "", versions,
             "", _md_table(["file", "sha256"], [[f"`{k}`", f"`{v}`"] for k, v in report.checksums.items()]),
             "", SIGN_OFF]
     return "\n".join(out) + "\n"
@@ -149,7 +150,8 @@ def to_html(report: AuditReport) -> str:
              f"{report.tolerance.abs}.</p>"]
     failures = report.failures()
     if failures:
-        parts.append("<h2>Failing checks</h2><ul>" + "".join(f"<li class='fail'>{_e(f)}</li>" for f in failures)
+        items = "".join(f"<li class='fail'>{_e(f)}</li>" for f in failures)
+        parts.append("<h2>Failing checks</h2><ul>" + items
                      + "</ul>")
     if report.targets:
         parts += ["<h2>Clients</h2>", _html_table(SUMMARY_HEADER, summary_rows(report)),
@@ -172,8 +174,10 @@ def to_html(report: AuditReport) -> str:
         parts += [r.plot() for r in report.empirical] + ["</div>"]
         parts.append(_html_table(["check", "status", "detail"],
                                  [[c.name, c, c.detail] for c in report.empirical_checks]))
-    parts += ["<h2>Versions and checksums</h2>", _html_table(["package", "version"], sorted(report.versions.items())),
-              _html_table(["file", "sha256"], [[k, f"<code>{v}</code>"] for k, v in report.checksums.items()]),
+    sums = [[k, f"<code>{v}</code>"] for k, v in report.checksums.items()]
+    parts += ["<h2>Versions and checksums</h2>",
+              _html_table(["package", "version"], sorted(report.versions.items())),
+              _html_table(["file", "sha256"], sums),
               "<h2>Sign-off</h2><p>I have reviewed the checks, assumptions and results above.</p>"
               "<p>Name: ____________________ Role: ____________________</p>"
               "<p>Date: ____________________ Signature: ____________________</p>"]
@@ -235,7 +239,8 @@ def line_plot(series: Mapping[str, Sequence[float]], labels: Sequence[str], *, c
         p.append(f"<text x='{sx(i):.1f}' y='{h - bottom + 14}' font-size='10' text-anchor='middle'>"
                  f"{_e(lab)}</text>")
     if hline is not None:
-        p.append(f"<line x1='{left}' y1='{sy(hline):.1f}' x2='{w - right}' y2='{sy(hline):.1f}' stroke='#d62728' "
+        p.append(f"<line x1='{left}' y1='{sy(hline):.1f}' x2='{w - right}' y2='{sy(hline):.1f}' "
+                 "stroke='#d62728' "
                  f"stroke-dasharray='6,4' stroke-width='1.5'/>")
     legend = [(hline_label or "limit", "#d62728", True)] if hline is not None else []
     for name, values in series.items():
@@ -250,14 +255,15 @@ def line_plot(series: Mapping[str, Sequence[float]], labels: Sequence[str], *, c
         y = top + 14 * j
         style = " stroke-dasharray='6,4'" if dashed else ""
         p.append(f"<line x1='{w - right + 8}' y1='{y}' x2='{w - right + 24}' y2='{y}' stroke='{color}' "
-                 f"stroke-width='2'{style}/><text x='{w - right + 28}' y='{y + 4}' font-size='10'>{_e(name)}</text>")
+                 f"stroke-width='2'{style}/>"
+                 f"<text x='{w - right + 28}' y='{y + 4}' font-size='10'>{_e(name)}</text>")
     return "".join(p) + "</svg>"
 
 
 def score_plot(result: Any) -> str:
     """Membership scores of the canaries, included (top row) and left out (bottom row): a strip plot
     in which the audit's power shows as the included ones sitting further right."""
-    w, h, left, right = 440, 150, 70, 20
+    w, h, left, right = 440, 165, 70, 20
     scores = np.asarray(result.scores, dtype=np.float64)
     lo, hi = float(scores.min()), float(scores.max())
     span = (hi - lo) or 1.0
@@ -266,11 +272,13 @@ def score_plot(result: Any) -> str:
     p = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' style='border:1px solid #ccc;"
          f"background:#fff'><text x='8' y='16' font-size='13' font-weight='bold'>{_e(result.label)}: "
          f"canary scores</text>",
-         f"<text x='8' y='55' font-size='11'>included</text><text x='8' y='100' font-size='11'>left out</text>",
-         f"<line x1='{left}' y1='{h - 25}' x2='{w - right}' y2='{h - 25}' stroke='#444'/>",
-         f"<text x='{left}' y='{h - 10}' font-size='10'>{lo:.2f}</text>",
-         f"<text x='{w - right}' y='{h - 10}' font-size='10' text-anchor='end'>{hi:.2f}</text>",
-         f"<text x='{w / 2}' y='{h - 10}' font-size='10' text-anchor='middle'>log p(target)</text>"]
+         "<text x='8' y='55' font-size='11'>included</text>"
+         "<text x='8' y='100' font-size='11'>left out</text>",
+         f"<line x1='{left}' y1='{h - 40}' x2='{w - right}' y2='{h - 40}' stroke='#444'/>",
+         f"<text x='{left}' y='{h - 27}' font-size='10'>{lo:.2g}</text>",
+         f"<text x='{w - right}' y='{h - 27}' font-size='10' text-anchor='end'>{hi:.2g}</text>",
+         f"<text x='{w / 2}' y='{h - 8}' font-size='10' text-anchor='middle'>membership score "
+         f"({'movement along the canary gradient' if result.kind == 'gradient' else 'log p(target)'})</text>"]
     for s, inc in zip(scores, result.included, strict=True):
         y = (50 if inc else 95) + rng.uniform(-8, 8)
         color = "#d62728" if inc else "#1f77b4"

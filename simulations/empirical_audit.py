@@ -1,15 +1,24 @@
 """`fedrec audit --empirical`: the one-run canary audit of a client's DP-SGD mechanism.
 
 Following Steinke, Nasr & Jagielski (NeurIPS 2023, "Privacy Auditing with One (1) Training Run"):
-m canary users — synthetic histories of random catalogue items with a random target item — are
-each added to one client's users with probability ½; that client trains with the mechanism the
-config specifies (client/train.py `LocalTrainer`: per-user Poisson sampling, Opacus clipping and
-noise, σ calibrated for the client's ε over the rounds × local epochs it would run); then every
-canary is scored by the trained model (log-probability of its target over the whole catalogue),
-the k₊ best are guessed "in" and the k₋ worst "out", and common/onerun.py turns the number of
-correct guesses into an ε lower bound at 95 % confidence. The same audit on a non-private run
-(no clipping, no noise) shows the attack has power. What is audited is the per-client DP-SGD
-mechanism, not the federated exchange around it (aggregation only post-processes it).
+m canary users are each added to one client's users with probability ½; that client trains with
+the mechanism the config specifies — client/train.py's `LocalTrainer`: per-user Poisson sampling,
+Opacus clipping and noise, σ calibrated for the client's ε over the rounds × local epochs it would
+run — then every canary gets a membership score, the k₊ best are guessed "in" and the k₋ worst
+"out", and common/onerun.py turns the number of correct guesses into an ε lower bound at 95 %
+confidence. The same audit with the noise switched off (σ = 0, ε = ∞) shows the attack has power.
+What is audited is the per-client DP-SGD mechanism, not the federated exchange around it
+(aggregation only post-processes what a client releases).
+
+Two kinds of canary (`kind`):
+- "gradient" (default; the paper's white-box gradient canaries): a canary user's per-user gradient
+  is a Dirac vector on one LoRA coordinate of its own (random sign), clipped and noised with
+  everyone else's; the score is how far the trained adapter moved along it. This audits the
+  mechanism with the most power per canary and needs no model able to memorise anything.
+- "input" (black-box): a canary user has a random history and a random target item; the score is
+  the trained model's log-probability of the target over the whole catalogue. This is the attack
+  a real adversary with the released adapter could run; it needs a model that memorises (the real
+  LM on a GPU) — the tiny test model learns too little for it to have power.
 """
 
 from __future__ import annotations
@@ -38,23 +47,28 @@ from fedrec.simulations.central import Sources
 log = logging.getLogger(__name__)
 
 DEFAULT_CANARIES = 200
-CANARY_HISTORY = 3  # random items shown as a canary's history
+CANARY_HISTORY = 3  # random items shown as an input canary's history
+GRADIENT_SCALE = 10.0  # a gradient canary's norm before clipping, in units of the clip norm
 CONFIDENCE = 0.95
-NOTE = ("Each canary user (a random history with a random target item) joins one client's users "
-        "with probability ½; the client trains with its DP-SGD mechanism (client/train.py, the same "
-        "per-user Poisson sampling, clipping and noise as in federated rounds; one client, not the "
-        "federated exchange). The auditor guesses 'in' for the canaries whose target the trained model "
-        "ranks highest and 'out' for the lowest (k₊ = k₋ = m/10, fixed in advance). A lower bound above "
-        "the claimed ε would prove the claim false; one far below it is expected (the bound is loose "
-        "for a few hundred canaries and a realistic attack). The non-private run shows the audit's power.")
+KINDS = ("gradient", "input")
+NOTE = ("Each canary user joins one client's users with probability ½; the client trains with its "
+        "DP-SGD mechanism (client/train.py: the same per-user Poisson sampling, clipping to C and noise as "
+        "in federated rounds; one client, not the federated exchange, which only post-processes it). "
+        "Gradient canaries contribute a Dirac gradient on a LoRA coordinate of their own and are scored by "
+        "how far the adapter moved along it (white-box, Steinke et al. §5); input canaries have a random "
+        "history and target item and are scored by the model's log-probability of the target (black-box). "
+        "The auditor guesses 'in' for the k₊ highest scores and 'out' for the k₋ lowest (k₊ = k₋ = m/10, "
+        "fixed in advance). A lower bound above the claimed ε would prove the claim false; one well below "
+        "it is expected (few canaries, one run). The run without noise shows the audit's power.")
 
 
 @dataclass(frozen=True)
 class CanaryPlan:
     """The canaries of one audit and which of them were included (drawn from one seed)."""
 
-    examples: tuple[Example, ...]
+    examples: tuple[Example, ...]  # "input" canaries: history -> target
     included: tuple[bool, ...]
+    signs: tuple[float, ...]  # "gradient" canaries: the direction of each Dirac gradient
 
 
 @dataclass
@@ -68,6 +82,7 @@ class EmpiricalResult:
     sample_rate: float
     steps: int
     users: int
+    kind: str
     guesses: GuessResult
     seconds: float
     scores: list[float]
@@ -79,11 +94,12 @@ class EmpiricalResult:
         return self.guesses.epsilon_lower_bound <= self.claimed_epsilon
 
     def row(self) -> list[str]:
-        claimed = "∞ (no DP)" if math.isinf(self.claimed_epsilon) else f"{self.claimed_epsilon:g}"
+        claimed = "∞ (no noise)" if math.isinf(self.claimed_epsilon) else f"{self.claimed_epsilon:.3f}"
         verdict = "PASS" if self.consistent else "FAIL"
         g = self.guesses
         return [self.label, claimed, f"{g.epsilon_lower_bound:.3f}", str(g.canaries),
-                f"{g.guesses} (k₊={g.k_plus}, k₋={g.k_minus})", str(g.correct), f"{self.seconds:.1f}", verdict]
+                f"{g.guesses} (k₊={g.k_plus}, k₋={g.k_minus})", str(g.correct), f"{self.seconds:.1f}",
+                verdict]
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -98,31 +114,34 @@ class EmpiricalResult:
 
 
 def empirical_audit(report: AuditReport, cfg: Config, sources: Sources, *, canaries: int | None = None,
-                    seed: int | None = None) -> list[EmpiricalResult]:
-    """Audit cfg's DP-SGD mechanism and a non-private contrast run; add both to `report`."""
+                    kind: str = "gradient", seed: int | None = None) -> list[EmpiricalResult]:
+    """Audit cfg's DP-SGD mechanism and the same run without noise; add both to `report`."""
     m = DEFAULT_CANARIES if canaries is None else canaries
     if m < 10:
         raise ConfigError(f"--canaries={m}: the audit needs at least 10 canaries (a few hundred is typical)")
-    private = audit_run(cfg, sources, canaries=m, private=True, seed=seed)
-    contrast = audit_run(cfg, sources, canaries=m, private=False, seed=seed)
+    if kind not in KINDS:
+        raise ConfigError(f"canary kind {kind!r} is not known; choose one of: {', '.join(KINDS)}")
+    private = audit_run(cfg, sources, canaries=m, private=True, kind=kind, seed=seed)
+    contrast = audit_run(cfg, sources, canaries=m, private=False, kind=kind, seed=seed)
     report.empirical += [private, contrast]
     report.empirical_checks.append(Check(
         "empirical ε lower bound ≤ claimed ε", PASS if private.consistent else FAIL,
         f"lower bound {private.guesses.epsilon_lower_bound:.3f} at {CONFIDENCE:.0%} confidence vs claimed "
-        f"ε = {private.claimed_epsilon:g} (σ = {private.noise_multiplier:.3f}, q = {private.sample_rate:.3g}, "
-        f"{private.steps} steps)"))
+        f"ε = {private.claimed_epsilon:.3f} (σ = {private.noise_multiplier:.3f}, "
+        f"q = {private.sample_rate:.3g}, "
+        f"{private.steps} steps, {kind} canaries)"))
     power = contrast.guesses.epsilon_lower_bound
     report.empirical_checks.append(Check(
-        "the audit has power (non-private run)", PASS if power > 0 else WARN,
-        f"the same attack on the non-private run gives ε ≥ {power:.3f}"
+        "the audit has power (run without noise)", PASS if power > 0 else WARN,
+        f"the same attack on the run without noise gives ε ≥ {power:.3f}"
         + ("" if power > 0 else ": no signal, so the private run's bound says little; "
-           "train longer or use more canaries")))
+           "train longer, use more canaries or gradient canaries")))
     return [private, contrast]
 
 
-def audit_run(cfg: Config, sources: Sources, *, canaries: int, private: bool, seed: int | None = None,
-              ) -> EmpiricalResult:
-    """Train one client with (private) or without DP-SGD, canaries included at random; score them."""
+def audit_run(cfg: Config, sources: Sources, *, canaries: int, private: bool, kind: str = "gradient",
+              seed: int | None = None) -> EmpiricalResult:
+    """Train one client with DP-SGD (or the same without noise), canaries included at random; score them."""
     t0 = time.perf_counter()
     seed = cfg.train.seed if seed is None else seed
     dataset, split = load_split(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
@@ -140,29 +159,32 @@ def audit_run(cfg: Config, sources: Sources, *, canaries: int, private: bool, se
     loaded = build_recommender(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
     accountant = PrivacyAccountant()
     trainer = CanaryTrainer(
-        loaded.rec, canaries={f"canary-{i}": ex for i, ex in enumerate(plan.examples) if plan.included[i]},
+        loaded.rec, plan=plan, kind=kind, clip_norm=cfg.privacy.clip_norm, seed=seed,
         item_titles=dataset.item_titles, item_texts=dataset.item_texts, sequences=sequences,
         lr=cfg.train.lr, batch_size=cfg.train.batch_size, max_history=cfg.data.max_history,
-        negatives=cfg.train.negatives, seed=seed,
-        dp=DPSettings(sigma, cfg.privacy.clip_norm, q, cfg.privacy.secure_rng) if private else None,
-        accountant=accountant if private else None,
+        negatives=cfg.train.negatives, dp=DPSettings(sigma, cfg.privacy.clip_norm, q, cfg.privacy.secure_rng),
+        accountant=accountant,
     )
-    trainer.run(steps, desc="canary audit " + ("(DP)" if private else "(no DP)"))
-    scores = canary_scores(loaded.rec, plan.examples, dataset.item_titles, dataset.item_texts,
-                           batch_size=cfg.eval.batch_size)
+    trainer.run(steps, desc=f"canary audit ({'DP' if private else 'no noise'})")
+    if kind == "gradient":
+        scores = trainer.gradient_scores()
+    else:
+        scores = canary_scores(loaded.rec, plan.examples, dataset.item_titles, dataset.item_texts,
+                               batch_size=cfg.eval.batch_size)
     k = max(1, canaries // 10)
     guesses = audit_scores(scores, plan.included, k_plus=k, k_minus=k, delta=delta, confidence=CONFIDENCE)
     claimed = accountant.epsilon(delta) if private else math.inf
-    log.info("canary audit %s: %d of %d guesses right, ε ≥ %.3f (claimed %s)", "DP" if private else "no DP",
+    log.info("canary audit %s: %d of %d guesses right, ε ≥ %.3f (claimed %s)",
+             "DP" if private else "no noise",
              guesses.correct, guesses.guesses, guesses.epsilon_lower_bound, claimed)
-    return EmpiricalResult(
-        f"{cfg.name}: DP-SGD" if private else f"{cfg.name}: no DP (contrast)", claimed, delta, sigma, q, steps,
-        users, guesses, time.perf_counter() - t0, [float(s) for s in scores], list(plan.included))
+    label = f"{cfg.name}: DP-SGD, ε = {cfg.privacy.target_epsilon:g}" if private else f"{cfg.name}: no noise"
+    return EmpiricalResult(label, claimed, delta, sigma, q, steps, users, kind, guesses,
+                           time.perf_counter() - t0, [float(x) for x in scores], list(plan.included))
 
 
 def draw_canaries(num_items: int, m: int, *, seed: int) -> CanaryPlan:
-    """m canaries: CANARY_HISTORY distinct random items and a different random target each; each
-    included with probability ½ (independently, from a seed of its own)."""
+    """m canaries, each included with probability ½: for "input" canaries CANARY_HISTORY distinct random
+    items and a different random target, for "gradient" canaries a random sign."""
     if num_items < CANARY_HISTORY + 1:
         raise ConfigError(f"the catalogue has {num_items} items; canaries need at least {CANARY_HISTORY + 1}")
     rng = np.random.default_rng([seed, 0xCA7A])
@@ -171,29 +193,65 @@ def draw_canaries(num_items: int, m: int, *, seed: int) -> CanaryPlan:
         picks = rng.choice(num_items, size=CANARY_HISTORY + 1, replace=False)
         examples.append(Example(tuple(int(i) for i in picks[:-1]), int(picks[-1]), ()))
     included = tuple(bool(b) for b in rng.random(m) < 0.5)
-    return CanaryPlan(tuple(examples), included)
+    signs = tuple(float(x) for x in rng.choice([-1.0, 1.0], size=m))
+    return CanaryPlan(tuple(examples), included, signs)
 
 
 class CanaryTrainer(LocalTrainer):
-    """LocalTrainer whose users include canaries; a sampled canary always contributes its own
-    example (history -> target, fresh negatives), a real user a random one of theirs."""
+    """LocalTrainer (same Poisson sampling, clipping, noise, optimizer) whose users include the
+    plan's included canaries. A sampled "input" canary contributes its own example (history ->
+    target, fresh negatives); a sampled "gradient" canary contributes a Dirac per-user gradient of
+    norm GRADIENT_SCALE·C on its own LoRA coordinate, which Opacus clips to C like any user's."""
 
-    def __init__(self, rec: Recommender, *, canaries: Mapping[str, Example], sequences: Mapping[str, Any],
-                 **kwargs: Any) -> None:
-        placeholder = {name: (0,) for name in canaries}  # sampled like any user; never read
-        super().__init__(rec, sequences={**sequences, **placeholder}, **kwargs)
-        self.canaries = dict(canaries)
+    def __init__(self, rec: Recommender, *, plan: CanaryPlan, kind: str, clip_norm: float, seed: int,
+                 sequences: Mapping[str, Any], **kwargs: Any) -> None:
+        names = [f"canary-{i}" for i in range(len(plan.included))]
+        members = {n: i for i, n in enumerate(names) if plan.included[i]}
+        placeholder = dict.fromkeys(members, (0,))  # sampled like any user; never read
+        super().__init__(rec, sequences={**sequences, **placeholder}, seed=seed, **kwargs)
+        self.plan, self.kind, self.members = plan, kind, members
+        self.dirac_size = GRADIENT_SCALE * clip_norm
+        sizes = [p.numel() for p in self.params]
+        if kind == "gradient" and len(names) > sum(sizes):
+            raise ConfigError(f"{len(names)} gradient canaries need as many LoRA coordinates; the adapter "
+                              f"has {sum(sizes)}")
+        flat = np.random.default_rng([seed, 0xD1AC]).choice(sum(sizes), size=len(names), replace=False)
+        offsets = np.cumsum([0, *sizes])
+        where = np.searchsorted(offsets, flat, side="right") - 1
+        self.coords = [(int(j), int(f - offsets[j])) for f, j in zip(flat, where, strict=True)]
+        self.initial = [p.detach().clone() for p in self.params]
+        self.sampled: list[int] = []
 
     def examples_for(self, users: Sequence[str]) -> list[Example]:
-        real = super().examples_for([u for u in users if u not in self.canaries])
-        num_items = len(self.item_texts)
-        out = list(real)
-        for u in users:
-            if u in self.canaries:
-                ex = self.canaries[u]
+        self.sampled = [self.members[u] for u in users if u in self.members]
+        out = super().examples_for([u for u in users if u not in self.members])
+        if self.kind == "input":
+            num_items = len(self.item_texts)
+            for i in self.sampled:
+                ex = self.plan.examples[i]
                 negs = self.rng.integers(0, num_items - 1, size=self.negatives)
                 negs = np.where(negs >= ex.target, negs + 1, negs)
                 out.append(Example(ex.history, ex.target, tuple(int(n) for n in negs)))
+        return out
+
+    def _dp_grads(self, examples: Sequence[Example]) -> tuple[list[torch.Tensor], float]:
+        grads, loss = super()._dp_grads(examples)
+        if self.kind != "gradient" or not self.sampled:
+            return grads, loss
+        rows = [torch.zeros((len(self.sampled), *p.shape), dtype=p.dtype, device=p.device)
+                for p in self.params]
+        for r, i in enumerate(self.sampled):
+            j, f = self.coords[i]
+            rows[j][r].view(-1)[f] = self.plan.signs[i] * self.dirac_size
+        real = grads if examples else [g[:0] for g in grads]  # drop the placeholder zero row
+        return [torch.cat([g, c]) for g, c in zip(real, rows, strict=True)], loss
+
+    def gradient_scores(self) -> np.ndarray:
+        """(m,) how far the adapter moved against each canary's gradient (descent: -sign·Δw)."""
+        out = np.empty(len(self.coords))
+        for i, (j, f) in enumerate(self.coords):
+            moved = float(self.params[j].detach().view(-1)[f] - self.initial[j].view(-1)[f])
+            out[i] = -self.plan.signs[i] * moved
         return out
 
 

@@ -181,3 +181,16 @@ def read_png(path: Path) -> tuple[int, int, bytes]:
         out += line
         prev = line
     return width, height, bytes(out)
+
+
+def test_refused_rounds_are_not_expected_in_the_ledger() -> None:
+    from fedrec.simulations.audit import RunRecord, _context
+
+    record = RunRecord("r", 8.0, {"a": 1.0}, "rdp", False, True, True, "users", 8)
+    rounds = [{"round": 1, "epsilon": {"a": 0.5, "b": 3.0}, "clients_refused": ["a"]},
+              {"round": 2, "epsilon": {"a": 0.5, "b": 5.0}, "clients_refused": ["a"]}]
+
+    a, b = _context("a", rounds, record, None), _context("b", rounds, record, None)
+
+    assert a.trained_rounds == () and a.budget == 1.0
+    assert b.trained_rounds == (1, 2) and b.round_epsilon == {1: 3.0, 2: 5.0} and b.budget == 8.0

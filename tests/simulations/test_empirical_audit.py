@@ -62,3 +62,22 @@ def test_gradient_canaries_go_through_opacus_clipping(tiny_data: Path, tmp_path:
     scores = trainer.gradient_scores()
     included = np.array(plan.included)
     assert scores[included].min() > 0 and np.abs(scores[~included]).max() == 0  # only members moved
+
+
+def test_input_canaries_run_through_the_recommender(tiny_data: Path, tmp_path: Path) -> None:
+    """Black-box canaries: real examples through the model, scored by log p(target) (no power
+    claim on the tiny model, which cannot memorise them)."""
+    from fedrec.simulations.central import Sources
+    from fedrec.simulations.empirical_audit import audit_run
+
+    cfg = load_config(REPO / "simulations" / "configs" / "smoke.toml",
+                      [f'data.dataset="{tiny_data}"', "data.max_users=8", "train.batch_size=8", "fed.rounds=1",
+                       "fed.local_epochs=0.5", "privacy.target_epsilon=1.0"])
+
+    result = audit_run(cfg, Sources(cache_dir=tmp_path / "cache", offline=True), canaries=20, private=True,
+                       kind="input")
+
+    assert result.kind == "input" and len(result.scores) == 20
+    assert all(s < 0 for s in result.scores)  # log-probabilities over the catalogue
+    assert 0 < result.claimed_epsilon <= 1.0 + 1e-9
+    assert result.guesses.guesses == 4

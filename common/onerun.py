@@ -80,8 +80,8 @@ class GuessResult:
 
 
 def audit_scores(
-    scores: Sequence[float] | np.ndarray, included: Sequence[bool], *, k_plus: int, k_minus: int, delta: float,
-    confidence: float = 0.95,
+    scores: Sequence[float] | np.ndarray, included: Sequence[bool], *, k_plus: int, k_minus: int,
+    delta: float, confidence: float = 0.95,
 ) -> GuessResult:
     """Guess "in" for the k₊ highest membership scores and "out" for the k₋ lowest; bound ε.
 

@@ -55,7 +55,7 @@ NOTE = ("Each canary user joins one client's users with probability ½; the clie
         "DP-SGD mechanism (client/train.py: the same per-user Poisson sampling, clipping to C and noise as "
         "in federated rounds; one client, not the federated exchange, which only post-processes it). "
         "Gradient canaries contribute a Dirac gradient on a LoRA coordinate of their own and are scored by "
-        "how far the adapter moved along it (white-box, Steinke et al. §5); input canaries have a random "
+        "how far the adapter moved along it (white-box); input canaries have a random "
         "history and target item and are scored by the model's log-probability of the target (black-box). "
         "The auditor guesses 'in' for the k₊ highest scores and 'out' for the k₋ lowest (k₊ = k₋ = m/10, "
         "fixed in advance). A lower bound above the claimed ε would prove the claim false; one well below "

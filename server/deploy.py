@@ -81,7 +81,10 @@ def parse_superlink(text: str) -> tuple[str, int]:
 
 
 def parse_institutions(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    return check_institutions(tuple(n.strip() for n in text.split(",") if n.strip()))
+
+
+def check_institutions(names: tuple[str, ...]) -> tuple[str, ...]:
     if not names:
         raise ConfigError("--institutions needs at least one name, e.g. --institutions hospital-a,clinic-b")
     for name in names:
@@ -89,7 +92,7 @@ def parse_institutions(text: str) -> tuple[str, ...]:
             raise ConfigError(f"--institutions: {name!r} is not a valid name; use letters, digits, '-' "
                               "and '_' (at most 63), starting with a letter or digit")
     if len(set(names)) != len(names):
-        raise ConfigError(f"--institutions {text!r} names an institution twice")
+        raise ConfigError(f"--institutions {','.join(names)!r} names an institution twice")
     return names
 
 
@@ -99,6 +102,7 @@ def init_deployment(
 ) -> Deployment:
     """Generate everything each party needs under `root` (which must not exist or be empty)."""
     host, port = parse_superlink(superlink)
+    institutions = check_institutions(institutions)
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"{root} is not empty; deploy init never overwrites keys — choose a new "
                           "directory")

@@ -21,8 +21,8 @@ from fedrec.common.errors import ConfigError
 from fedrec.common.privacy import MechanismStep, epsilon
 from fedrec.common.rundir import read_jsonl
 from fedrec.server.deploy import init_deployment, make_node_keys
-from fedrec.server.strategy import aggregate, make_strategy
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from safetensors.torch import load_file
 
 # --- deploy init (no processes) --------------------------------------------------------------
@@ -154,14 +154,15 @@ def test_secagg_aggregate_equals_plain_fedavg_of_the_same_updates(federation, tm
         state = json.loads((federation.site(name) / "state" / "state.json").read_text())
         answered = state["answered"][f"{run_id}/train/1"]
         tensors = load_file(str(federation.site(name) / "state" / "replies" / answered["file"]))
-        content = RecordDict({"arrays": ArrayRecord(torch_state_dict=tensors),
-                              "metrics": MetricRecord({"num-examples": answered["metrics"]["num-examples"]})})
-        replies.append(Message(content, dst_node_id=0, message_type="train"))
-    plain = aggregate(make_strategy(load_config(None, []), num_clients=3), 1, replies)
-    assert plain is not None and set(plain) == set(secure)
+        users = answered["metrics"]["num-examples"]
+        replies.append(RecordDict({"arrays": ArrayRecord(torch_state_dict=tensors),
+                                   "metrics": MetricRecord({"num-examples": users})}))
+    # what fed.secagg = false computes from the same replies: Flower's FedAvg, weighted by users
+    plain = aggregate_arrayrecords(replies, "num-examples").to_torch_state_dict()
+    assert set(plain) == set(secure)
     # quantisation: 2·clip/2²² per value, scaled by max_weight/users (8 users: a factor 2)
     step = 2 * 8.0 / 2**22 * 16.0 / 8
-    spread = max((replies[0].content["arrays"].to_torch_state_dict()[k] - plain[k]).abs().max().item()
+    spread = max((replies[0]["arrays"].to_torch_state_dict()[k] - plain[k]).abs().max().item()
                  for k in plain)
     for key in plain:
         assert torch.allclose(secure[key], plain[key], atol=3 * step, rtol=0), key

@@ -6,6 +6,10 @@ everything needed to resume: the global adapter, the strategy's state, the prior
 the run's history (rounds and the ledger lines the clients reported). A resumed run keeps the
 same run id, so a client asked again for a round it already answered re-sends its stored reply
 instead of spending budget twice (client/state.py).
+
+Faults: a round waits for every client, or for `fed.min_clients` of them after `fed.join_wait`
+seconds, and aggregates only if at least that quorum answered. With `fed.secagg` the round runs
+under SecAgg+ (server/secagg.py) and the server sees only the weighted mean of the adapters.
 """
 
 from __future__ import annotations

@@ -322,7 +322,8 @@ def run_script(dep: Deployment) -> str:
     n = len(dep.institutions)
     return f"""#!/usr/bin/env bash
 # Submits the fedrec run to the SuperLink. RUN_DIR: the coordinator's run directory (absolute).
-# More settings: --run-config "fed.rounds=5 fed.secagg=true" (repeatable).
+# More settings: ONE more --run-config "fed.rounds=5 fed.secagg=true ..." (Flower 1.42 merges
+# repeated --run-config strings shallowly: a second "fed.x=..." string drops the first's fed.* keys).
 set -euo pipefail
 HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 export FLWR_HOME="$HERE/flwr-home"

@@ -94,9 +94,16 @@ class Federation:
         return self.procs[key]
 
     def submit(self, run_dir: Path, *run_config: str, base: str = TINY_RUN) -> None:
-        args = ["bash", str(self.coordinator / "run.sh"), "--run-config", base]
-        for item in run_config:
-            args += ["--run-config", item]
+        """`run.sh` with `base` and then `run_config` ("k=v k=v", later wins) as ONE --run-config:
+        Flower 1.42 merges repeated --run-config strings shallowly (a second "fed.x=..." drops
+        every fed.* key of the first)."""
+        merged: dict[str, str] = {}
+        for item in (base, *run_config):
+            for pair in item.split():
+                key, _, value = pair.partition("=")
+                merged[key] = value
+        config = " ".join(f"{k}={v}" for k, v in merged.items())
+        args = ["bash", str(self.coordinator / "run.sh"), "--run-config", config]
         done = subprocess.run(args, env={**self.env, "RUN_DIR": str(run_dir)}, capture_output=True,
                               timeout=180)
         assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()

@@ -171,6 +171,8 @@ def _secure_round(
     config: ConfigRecord, nodes: Sequence[int], spec: Mapping[str, Any], num_clients: int,
 ) -> tuple[list[Reply], list[str], Merged, int]:
     """SecAgg+: the server unmasks only the weighted mean, then applies the strategy's update to it."""
+    if cfg.fed.strategy == "fedprox":  # what FedProx.configure_train would have added
+        config = ConfigRecord({**dict(config), "proximal-mu": cfg.fed.proximal_mu})
     result = secagg_round(grid, cfg, rnd, current, config, nodes, weight_key(cfg))
     up = result.bytes_up // max(1, len(result.replies))
     replies = [Reply(str(m.get("client", f"node-{nid}")), str(m.get("status", "ok")),

@@ -156,9 +156,10 @@ def _plain_round(
     config: ConfigRecord, spec: Mapping[str, Any], num_clients: int,
 ) -> tuple[list[Reply], list[str], Merged]:
     """Every client's adapter reaches the server; the strategy aggregates those that trained."""
-    messages = strategy.configure_train(rnd, to_record(current), config, grid)
+    messages = list(strategy.configure_train(rnd, to_record(current), config, grid))
     raw = list(grid.send_and_receive(messages, timeout=cfg.fed.timeout))
-    pairs, failures = _parse(raw, spec, rnd)
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set by the push
+    pairs, failures = _parse(raw, spec, rnd, sent=sent)
     replies = [r for _, r in pairs]
     ok_messages = [m for m, r in pairs if r.status == "ok"]
     if not _enough(cfg, rnd, len(replies), num_clients) or not ok_messages:
@@ -296,15 +297,21 @@ def _finish(
 
 
 def _parse(
-    raw: Sequence[Message], spec: Mapping[str, Any] | None, rnd: int
+    raw: Sequence[Message], spec: Mapping[str, Any] | None, rnd: int, *,
+    sent: Mapping[str, int] | None = None,
 ) -> tuple[list[tuple[Message, Reply]], list[str]]:
-    """Replies that carry content, their tensors validated; failures (errors, bad tensors) named."""
+    """Replies that carry content, their tensors validated; failures (errors, bad tensors) named.
+
+    `sent` (message id -> destination node) names the node of an error the SuperLink wrote on
+    its behalf (e.g. "Node Unavailable"), whose source is the SuperLink itself.
+    """
     replies: list[tuple[Message, Reply]] = []
     failures: list[str] = []
     for msg in raw:
         if msg.has_error():
-            failures.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
-            log.warning("round %d: node %d failed: %s", rnd, msg.metadata.src_node_id, msg.error.reason)
+            node = (sent or {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            failures.append(f"node {node}: {msg.error.reason}")
+            log.warning("round %d: node %d failed: %s", rnd, node, msg.error.reason)
             continue
         c = msg.content
         status = c.config_records.get("status", ConfigRecord({"status": "ok"}))

@@ -204,6 +204,8 @@ def test_killed_supernode_and_restarted_superlink_lose_nothing(make_federation, 
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[0]["clients_ok"] == 3
     assert rounds[1]["clients_ok"] == 2 and rounds[1]["aggregated"] and "c" not in rounds[1]["epsilon"]
+    [failure] = rounds[1]["clients_failed"]  # named by c's node id, not the SuperLink's (1)
+    assert "Node Unavailable" in failure and not failure.startswith("node 1:")
     assert rounds[2]["clients_ok"] == 3  # c is back
     for name in ("a", "b"):
         lines = read_jsonl(run / "ledgers" / f"{name}.jsonl")

@@ -56,6 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--model", help="--empirical: local model directory, .gguf file or hub id")
     audit.add_argument("--cache-dir", type=Path)
     audit.add_argument("--offline", action="store_true")
+    deploy = sub.add_parser("deploy", help="set up a real federation (SuperLink + SuperNodes)")
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
+    init = deploy_sub.add_parser("init", help="certificates, SuperNode keys, commands and READMEs")
+    init.add_argument("dir", type=Path, help="new directory to generate everything into")
+    init.add_argument("--institutions", required=True, metavar="NAME[,NAME...]",
+                      help="one SuperNode per institution, e.g. hospital-a,clinic-b")
+    init.add_argument("--superlink", required=True, metavar="HOST[:PORT]",
+                      help="the coordinator's address as the institutions reach it (port default 9092)")
+    init.add_argument("--site-root", default="/var/lib/fedrec", metavar="PATH",
+                      help="each institution's data/state/cache root ({name} is replaced by its name)")
+    init.add_argument("--epsilon-budget", type=float, default=8.0,
+                      help="initial ε budget in each institution's settings.toml (theirs to change)")
+    init.add_argument("--app-dir", type=Path, help="the fedrec source tree `flwr run` packages")
+    init.add_argument("--insecure", action="store_true",
+                      help="DEVELOPMENT ONLY: no TLS, no SuperNode authentication, one machine")
     fetch = sub.add_parser("fetch", help="download and verify the default assets into the cache")
     fetch.add_argument("--cache-dir", type=Path)
     fetch.add_argument("--offline", action="store_true")
@@ -154,8 +169,26 @@ def _format_of(output: Path | None) -> str:
     return {"htm": "html", "html": "html", "json": "json"}.get(suffix, "md")
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from fedrec.server.deploy import INSECURE_BANNER, init_deployment, parse_institutions
+
+    dep = init_deployment(
+        args.dir, institutions=parse_institutions(args.institutions), superlink=args.superlink,
+        insecure=args.insecure, app_dir=args.app_dir, site_root=args.site_root,
+        epsilon_budget=args.epsilon_budget,
+    )
+    if dep.insecure:
+        sys.stderr.write(f"\n!!! {INSECURE_BANNER}\n\n")
+    sys.stdout.write(
+        f"deployment in {args.dir}: SuperLink {dep.address}, {len(dep.institutions)} institutions\n"
+        f"  coordinator: {args.dir / 'coordinator'} (superlink.sh, register-supernodes.sh, run.sh)\n"
+        + "".join(f"  {n}: {args.dir / 'institutions' / n} (send this folder to {n})\n"
+                  for n in dep.institutions))
+    return 0
+
+
 COMMANDS = {"train-central": cmd_train_central, "simulate": cmd_simulate, "fetch": cmd_fetch,
-            "audit": cmd_audit}
+            "audit": cmd_audit, "deploy": cmd_deploy}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from fedrec.client.local import (
     require_budget,
     simulated_clients,
 )
+from fedrec.client.secagg import secagg_mod
 from fedrec.common.assets import default_cache_dir, default_offline
 from fedrec.common.config import Config, from_run_config, to_dict
 from fedrec.common.data import leave_one_out, load_dataset
@@ -52,7 +53,7 @@ _SHARED: dict[tuple[Any, ...], Any] = {}
 def make_client_app(settings: SettingsFn | None = None) -> ClientApp:
     """A ClientApp whose clients get their config and local settings from `settings(context)`."""
     settings = settings or settings_from_context
-    app = ClientApp()
+    app = ClientApp(mods=[secagg_mod])  # SecAgg+ train messages (fed.secagg) pass through it
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

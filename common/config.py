@@ -167,6 +167,18 @@ class FederatedConfig:
     num_gpus: float = 0.0  # GPU share per simulated client
     timeout: float = 3600.0  # seconds the server waits for replies in one round
     eval_every: int = 1  # federated validation every N rounds (the last round always)
+    # Faults: a round goes ahead once every client is connected, or after `join_wait` seconds
+    # with at least `min_clients` connected; a round whose trained replies number fewer than
+    # `min_clients` leaves the global adapter unchanged. None: every client, every round.
+    min_clients: int | None = None
+    join_wait: float = 60.0
+    # Secure aggregation (Flower's SecAgg+): the server learns only the weighted sum of the
+    # adapters. Shares/threshold: a fraction of the round's clients (<= 1) or a count (> 1).
+    secagg: bool = False
+    secagg_shares: float = 1.0
+    secagg_threshold: float = 0.67
+    secagg_clip: float = 8.0  # every adapter value is clipped to [-clip, clip] before quantisation
+    secagg_max_weight: float = 1000.0  # bound on a client's weight (its user count; 1 if uniform)
     # An existing Ray cluster for `fedrec simulate` ("auto" or "HOST:6379"); None: a local Ray.
     ray_address: str | None = None
 
@@ -186,6 +198,16 @@ class FederatedConfig:
         _positive("fed.num_cpus", self.num_cpus)
         _positive("fed.timeout", self.timeout)
         _positive("fed.eval_every", self.eval_every)
+        if self.min_clients is not None and not 1 <= self.min_clients:
+            raise ConfigError(f"fed.min_clients={self.min_clients} must be >= 1 (or empty: all clients)")
+        if self.join_wait < 0:
+            raise ConfigError(f"fed.join_wait={self.join_wait} must be >= 0 seconds")
+        _positive("fed.secagg_shares", self.secagg_shares)
+        if not 0 < self.secagg_threshold <= 1 and self.secagg_threshold != int(self.secagg_threshold):
+            raise ConfigError(f"fed.secagg_threshold={self.secagg_threshold} must be a fraction in "
+                              "(0, 1] or a whole number of shares")
+        _positive("fed.secagg_clip", self.secagg_clip)
+        _positive("fed.secagg_max_weight", self.secagg_max_weight)
 
 
 @dataclass(frozen=True)

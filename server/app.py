@@ -6,6 +6,10 @@ everything needed to resume: the global adapter, the strategy's state, the prior
 the run's history (rounds and the ledger lines the clients reported). A resumed run keeps the
 same run id, so a client asked again for a round it already answered re-sends its stored reply
 instead of spending budget twice (client/state.py).
+
+Faults: a round waits for every client, or for `fed.min_clients` of them after `fed.join_wait`
+seconds, and aggregates only if at least that quorum answered. With `fed.secagg` the round runs
+under SecAgg+ (server/secagg.py) and the server sees only the weighted mean of the adapters.
 """
 
 from __future__ import annotations
@@ -28,9 +32,18 @@ from fedrec.common.evaluation import PRIOR_WEIGHTS
 from fedrec.common.lora import save_adapter, tensors_digest, validate_adapter
 from fedrec.common.model import build_recommender
 from fedrec.common.rundir import RunDir
-from fedrec.server.strategy import aggregate, load_strategy_state, make_strategy, strategy_state, to_record
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from fedrec.server.secagg import secagg_round
+from fedrec.server.strategy import (
+    aggregate,
+    load_strategy_state,
+    make_strategy,
+    strategy_state,
+    to_record,
+    weight_key,
+)
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -69,7 +82,7 @@ def run_server(
     initial = loaded.initial_adapter
     trainable_keys = sorted(k for k in initial if cfg.lora.variant != "ffa" or "lora_B" in k)
     spec = {k: (tuple(initial[k].shape), initial[k].dtype) for k in trainable_keys}
-    strategy = make_strategy(cfg, num_clients=num_clients)
+    strategy = make_strategy(cfg, num_clients=quorum(cfg, num_clients))
     current = {k: initial[k] for k in trainable_keys}
     if state.round > 0:
         current, strategy_tensors = _load_checkpoint_tensors(run.root, state.round)
@@ -88,13 +101,15 @@ def run_server(
             "run-id": state.run_id, "num-rounds": cfg.fed.rounds, "local-epochs": cfg.fed.local_epochs,
             "lr": cfg.train.lr,
         })
-        messages = strategy.configure_train(rnd, to_record(current), config, grid)
-        raw = list(grid.send_and_receive(messages, timeout=cfg.fed.timeout))
-        pairs, failures = _parse(raw, spec, rnd)
-        replies = [r for _, r in pairs]
+        nodes = _nodes(grid, cfg, num_clients)  # all clients, or the quorum after fed.join_wait
+        if cfg.fed.secagg:
+            replies, failures, merged, bytes_down = _secure_round(grid, cfg, strategy, rnd, current,
+                                                                  config, nodes, spec, num_clients)
+        else:
+            replies, failures, merged = _plain_round(grid, cfg, strategy, rnd, current, config, spec,
+                                                     num_clients)
+            bytes_down = adapter_bytes
         trained = [r for r in replies if r.status == "ok"]
-        ok_messages = [m for m, r in pairs if r.status == "ok"]
-        merged = aggregate(strategy, rnd, ok_messages) if ok_messages else None
         if merged is not None:
             current = {k: merged[k].to(initial[k].dtype) for k in trainable_keys}
         for r in trained:
@@ -112,7 +127,7 @@ def run_server(
             "loss": _mean([r.metrics["loss"] for r in trained]),
             "valid": evaluation, "epsilon": {r.client: r.metrics.get("epsilon", 0.0) for r in replies},
             "bytes_up_per_client": _mean([r.bytes_up for r in trained]),
-            "bytes_down_per_client": adapter_bytes, "model_bytes": model_bytes,
+            "bytes_down_per_client": bytes_down, "model_bytes": model_bytes, "secagg": cfg.fed.secagg,
             "seconds": round(time.perf_counter() - t0, 3),
         }
         for r in replies:
@@ -134,12 +149,66 @@ def run_server(
 # --- rounds ----------------------------------------------------------------------------------
 
 
+Merged = dict[str, torch.Tensor] | None
+
+
+def _plain_round(
+    grid: Grid, cfg: Config, strategy: Strategy, rnd: int, current: Mapping[str, torch.Tensor],
+    config: ConfigRecord, spec: Mapping[str, Any], num_clients: int,
+) -> tuple[list[Reply], list[str], Merged]:
+    """Every client's adapter reaches the server; the strategy aggregates those that trained."""
+    messages = list(strategy.configure_train(rnd, to_record(current), config, grid))
+    raw = list(grid.send_and_receive(messages, timeout=cfg.fed.timeout))
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set by the push
+    pairs, failures = _parse(raw, spec, rnd, sent=sent)
+    replies = [r for _, r in pairs]
+    ok_messages = [m for m, r in pairs if r.status == "ok"]
+    if not _enough(cfg, rnd, len(replies), num_clients) or not ok_messages:
+        return replies, failures, None
+    return replies, failures, aggregate(strategy, rnd, ok_messages)
+
+
+def _secure_round(
+    grid: Grid, cfg: Config, strategy: Strategy, rnd: int, current: Mapping[str, torch.Tensor],
+    config: ConfigRecord, nodes: Sequence[int], spec: Mapping[str, Any], num_clients: int,
+) -> tuple[list[Reply], list[str], Merged, int]:
+    """SecAgg+: the server unmasks only the weighted mean, then applies the strategy's update to it."""
+    if cfg.fed.strategy == "fedprox":  # what FedProx.configure_train would have added
+        config = ConfigRecord({**dict(config), "proximal-mu": cfg.fed.proximal_mu})
+    result = secagg_round(grid, cfg, rnd, current, config, nodes, weight_key(cfg))
+    up = result.bytes_up // max(1, len(result.replies))
+    replies = [Reply(str(m.get("client", f"node-{nid}")), str(m.get("status", "ok")),
+                     str(m.get("reason", "")), {k: v for k, v in m.items() if isinstance(v, int | float)},
+                     {}, up) for nid, m in result.replies]
+    failures = list(result.failures)
+    if result.mean is None or not _enough(cfg, rnd, len(replies), num_clients):
+        return replies, failures, None, result.bytes_down // max(1, len(nodes))
+    try:
+        validate_adapter(result.mean, spec, source="the secure aggregate")
+    except AdapterError as exc:
+        failures.append(str(exc))
+        return replies, failures, None, result.bytes_down // max(1, len(nodes))
+    weight = MetricRecord({"num-examples": 1.0, "uniform": 1.0})  # one "reply": the mean itself
+    mean = Message(RecordDict({"arrays": to_record(result.mean), "metrics": weight}),
+                   dst_node_id=0, message_type=MessageType.TRAIN)
+    return replies, failures, aggregate(strategy, rnd, [mean]), result.bytes_down // max(1, len(nodes))
+
+
+def _enough(cfg: Config, rnd: int, answered: int, num_clients: int) -> bool:
+    """A round aggregates only if at least the quorum of clients answered (trained or refused)."""
+    need = quorum(cfg, num_clients)
+    if answered < need:
+        log.warning("round %d: %d of the %d clients needed answered; the global adapter is unchanged",
+                    rnd, answered, need)
+    return answered >= need
+
+
 def _prior_release(grid: Grid, cfg: Config, state: ServerState, num_clients: int) -> np.ndarray | None:
     """Round 0: every client releases its noisy item counts once; the server sums them."""
     config = ConfigRecord({"run-id": state.run_id, "server-round": 0, "num-rounds": cfg.fed.rounds,
                            "local-epochs": cfg.fed.local_epochs, "lr": cfg.train.lr})
     messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type="query.prior")
-                for n in _nodes(grid, num_clients)]
+                for n in _nodes(grid, cfg, num_clients)]
     pairs, _ = _parse(list(grid.send_and_receive(messages, timeout=cfg.fed.timeout)), None, 0)
     replies = [r for _, r in pairs]
     total: np.ndarray | None = None
@@ -169,7 +238,7 @@ def _evaluate(
     if state.counts is not None:
         content["prior"] = _counts_record(state.counts)
     messages = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
-                for n in _nodes(grid, num_clients)]
+                for n in _nodes(grid, cfg, num_clients)]
     pairs, _ = _parse(list(grid.send_and_receive(messages, timeout=cfg.fed.timeout)), None, -1)
     replies = [r for _, r in pairs]
     sums: dict[str, np.ndarray] = {}
@@ -229,15 +298,21 @@ def _finish(
 
 
 def _parse(
-    raw: Sequence[Message], spec: Mapping[str, Any] | None, rnd: int
+    raw: Sequence[Message], spec: Mapping[str, Any] | None, rnd: int, *,
+    sent: Mapping[str, int] | None = None,
 ) -> tuple[list[tuple[Message, Reply]], list[str]]:
-    """Replies that carry content, their tensors validated; failures (errors, bad tensors) named."""
+    """Replies that carry content, their tensors validated; failures (errors, bad tensors) named.
+
+    `sent` (message id -> destination node) names the node of an error the SuperLink wrote on
+    its behalf (e.g. "Node Unavailable"), whose source is the SuperLink itself.
+    """
     replies: list[tuple[Message, Reply]] = []
     failures: list[str] = []
     for msg in raw:
         if msg.has_error():
-            failures.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
-            log.warning("round %d: node %d failed: %s", rnd, msg.metadata.src_node_id, msg.error.reason)
+            node = (sent or {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            failures.append(f"node {node}: {msg.error.reason}")
+            log.warning("round %d: node %d failed: %s", rnd, node, msg.error.reason)
             continue
         c = msg.content
         status = c.config_records.get("status", ConfigRecord({"status": "ok"}))
@@ -276,11 +351,24 @@ def _ledger_line(rnd: int, mechanism: str, reply: Reply, accountant: str) -> dic
     return {"round": rnd, "mechanism": mechanism, "accountant": accountant, **line}
 
 
-def _nodes(grid: Grid, num_clients: int) -> list[int]:
-    while len(nodes := list(grid.get_node_ids())) < num_clients:
+def quorum(cfg: Config, num_clients: int) -> int:
+    """How many clients a round needs: fed.min_clients (capped at num_clients), else all."""
+    return min(cfg.fed.min_clients or num_clients, num_clients)
+
+
+def _nodes(grid: Grid, cfg: Config, num_clients: int) -> list[int]:
+    """The connected nodes: all num_clients, or at least the quorum once fed.join_wait has passed."""
+    need, start = quorum(cfg, num_clients), time.monotonic()
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        waited = time.monotonic() - start
+        if len(nodes) >= num_clients or (len(nodes) >= need and waited >= cfg.fed.join_wait):
+            if len(nodes) < num_clients:
+                log.warning("going ahead with %d of %d clients (fed.min_clients=%d) after %.0f s",
+                            len(nodes), num_clients, need, waited)
+            return nodes
         log.info("waiting for clients: %d of %d connected", len(nodes), num_clients)
         time.sleep(1)
-    return sorted(nodes)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -404,7 +492,7 @@ def make_server_app(
         c = cfg or from_run_config(context.run_config)
         rc = context.run_config
         o = out or Path(str(rc.get("output", f"runs/{c.name}")))
-        n = num_clients or int(rc.get("num-clients", c.fed.clients))  # type: ignore[call-overload]
+        n = num_clients or int(rc.get("num-clients") or c.fed.clients)  # type: ignore[call-overload]
         r = resume or bool(rc.get("resume", False))
         if cfg is None and not (o / "config.toml").exists():  # `flwr run .`: the run's record
             RunDir(o).write_config(c, {"engine": "flwr run", "clients": n})

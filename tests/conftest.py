@@ -47,6 +47,12 @@ def write_tiny_dataset(root: Path, users: int = 24, items: int = 30) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def dataset_writer():  # type: ignore[no-untyped-def]
+    """write_tiny_dataset, for fixtures in other conftest files."""
+    return write_tiny_dataset
+
+
 @pytest.fixture()
 def tiny_data(tmp_path: Path) -> Path:
     return write_tiny_dataset(tmp_path / "data")

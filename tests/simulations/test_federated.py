@@ -64,7 +64,7 @@ def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch, cap
     seen: list[dict[str, Any]] = []
     parse = server_app._parse
 
-    def spy(raw, spec, rnd):  # the ServerApp runs in this process: record every client message
+    def spy(raw, spec, rnd, **kwargs):  # the ServerApp runs in this process: record every client message
         for msg in raw:
             if not msg.has_error():
                 c = msg.content
@@ -73,7 +73,7 @@ def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch, cap
                     "metrics": {k: dict(r) for k, r in c.metric_records.items()},
                     "configs": {k: dict(r) for k, r in c.config_records.items()},
                 })
-        return parse(raw, spec, rnd)
+        return parse(raw, spec, rnd, **kwargs)
 
     monkeypatch.setattr(server_app, "_parse", spy)
     out = tmp_path / "run"

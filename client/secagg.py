@@ -8,6 +8,7 @@ FitRes. The client's DP training, budget check and ledger commit happen exactly 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,6 +20,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+LEDGER = "fedrec-ledger"  # FitRes metrics: the client's chained ledger line, as JSON (FitRes has no records)
 KEYS = "fedrec-keys"  # FitIns config: the adapter's tensor names, "\n"-joined, in parameter order
 WEIGHT = "fedrec-weight-key"  # FitIns config: the metric that is the client's weight
 
@@ -64,6 +66,8 @@ def to_fitres_content(reply: RecordDict, keys: list[str], weight_key: str,
     tensors = reply["arrays"].to_torch_state_dict() if ok else {}  # type: ignore[union-attr]
     arrays = [(tensors[k] if ok else torch.zeros_like(like[k])).numpy() for k in keys]
     weight = int(round(float(metrics.get(weight_key, 0.0)))) if ok else 0
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight,
-                    {**metrics, **{k: str(v) for k, v in status.items()}})
+    extra = {k: str(v) for k, v in status.items()}
+    if "ledger" in reply.config_records:  # so the coordinator keeps the same chained line as without SecAgg+
+        extra[LEDGER] = json.dumps(dict(reply.config_records["ledger"]), sort_keys=True)
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, {**metrics, **extra})
     return compat.fitres_to_recorddict(fitres, keep_input=True)

@@ -32,6 +32,7 @@ from fedrec.common.evaluation import PRIOR_WEIGHTS
 from fedrec.common.lora import save_adapter, tensors_digest, validate_adapter
 from fedrec.common.model import build_recommender
 from fedrec.common.rundir import RunDir
+from fedrec.client.secagg import LEDGER
 from fedrec.server.secagg import secagg_round
 from fedrec.server.strategy import (
     aggregate,
@@ -179,7 +180,8 @@ def _secure_round(
     up = result.bytes_up // max(1, len(result.replies))
     replies = [Reply(str(m.get("client", f"node-{nid}")), str(m.get("status", "ok")),
                      str(m.get("reason", "")), {k: v for k, v in m.items() if isinstance(v, int | float)},
-                     {}, up) for nid, m in result.replies]
+                     {}, up, json.loads(str(m[LEDGER])) if LEDGER in m else None)
+               for nid, m in result.replies]
     failures = list(result.failures)
     if result.mean is None or not _enough(cfg, rnd, len(replies), num_clients):
         return replies, failures, None, result.bytes_down // max(1, len(nodes))

@@ -167,6 +167,12 @@ def test_secagg_aggregate_equals_plain_fedavg_of_the_same_updates(federation, tm
     for key in plain:
         assert torch.allclose(secure[key], plain[key], atol=3 * step, rtol=0), key
     assert spread > 100 * step  # the clients differ far more than the tolerance: the check has teeth
+    # the coordinator keeps each client's own chained ledger line, as without SecAgg+
+    for name in ("a", "b", "c"):
+        own = read_jsonl(federation.site(name) / "state" / "ledger.jsonl")
+        copy = read_jsonl(run / "ledgers" / f"{name}.jsonl")
+        assert copy and copy == [e for e in own if e.get("run_id") == run_id]
+        assert all("entry_sha256" in e for e in copy)
 
 
 def _restart_missing_nodes(federation) -> None:

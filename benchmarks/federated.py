@@ -13,6 +13,7 @@ of the same method, so a long sweep can be stopped and resumed):
   `local-dp-lora-eps<ε>`; metrics averaged over the clients' test users.
 - scale:   one round with 10 and with 100 simulated clients; peak resident memory of the whole
   process tree (driver, Ray and its workers), sampled every 0.2 s -> `scale` rows.
+- plot:    results/federated.html, NDCG@10 against ε per method (also written after every run).
 - noise:   the noise-to-signal arithmetic of user-level DP-SGD for federated plans (no training):
   σ calibrated for the plan, and the std of the noise on the averaged clipped update relative
   to the clip norm, per step -> `noise` rows.
@@ -27,6 +28,7 @@ import argparse
 import json
 import logging
 import platform
+import re
 import shutil
 import tempfile
 import threading
@@ -210,6 +212,31 @@ def noise_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def write_plot() -> Path:
+    """results/federated.html: NDCG@10 against ε for each method, central-dp-lora for reference."""
+    from fedrec.simulations.report import line_plot
+
+    doc = json.loads(RESULTS.read_text())
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in doc.get("rows", []):
+        target = re.search(r"-eps([0-9.]+)", r["method"])  # the budget each client was given
+        family = re.sub(r"-eps[0-9.]+", "", r["method"])  # fed-dp-lora-eps8-llm-only -> fed-dp-lora-llm-only
+        eps = float(target.group(1)) if target else round(float(r["epsilon"]))
+        series.setdefault(family, []).append((eps, float(r["ndcg@10"])))
+    central = Path(__file__).resolve().parent / "results" / "central.json"
+    if central.exists():
+        for r in json.loads(central.read_text())["rows"]:
+            if r["method"] in ("central-dp-lora", "dp-popularity"):
+                series[f"{r['method']} (central)"] = [(round(float(r["epsilon"])), float(r["ndcg@10"]))]
+    series = {k: sorted(v) for k, v in sorted(series.items())}
+    out = RESULTS.with_suffix(".html")
+    out.write_text("<!doctype html><meta charset='utf-8'><title>fedrec privacy-utility</title>"
+                   "<body style='font-family:sans-serif'>"
+                   + line_plot(series, f"test NDCG@10 against ε (user-level); {doc.get('scale', '')}", "ε")
+                   + "</body>\n")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--parts", default="privacy,local,scale,noise")
@@ -225,6 +252,9 @@ def main() -> None:
     meta = {"scale": args.label, "overrides": args.overrides,
             "machine": f"{platform.machine()} {platform.processor()} {psutil.cpu_count()} cores".strip()}
     parts = args.parts.split(",")
+    if parts == ["plot"]:
+        print(write_plot())
+        return
     eps_list = [float(e) for e in args.eps.split(",")]
     if "noise" in parts:
         save_rows(noise_rows(), "noise", meta)
@@ -239,6 +269,7 @@ def main() -> None:
                 save_rows(run_privacy(args.overrides, eps, variant, sources, tmp), "rows", meta)
         if "scale" in parts and i == 0:  # after the headline rows, before the rest of the sweep
             save_rows([run_scale(args.overrides, n, sources, tmp) for n in (10, 100)], "scale", meta)
+    write_plot()
     print(RESULTS.read_text())
 
 

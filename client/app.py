@@ -98,8 +98,10 @@ def settings_from_context(context: Context) -> tuple[Config, LocalSettings]:
     name = str(node.get("client-name", f"client-{node.get('partition-id', 0)}"))
     if "state-dir" in node:
         state_dir = Path(str(node["state-dir"]))
-    else:  # a simulated node keeps its state beside the run (as `fedrec simulate` does)
+    elif "partition-id" in node:  # a simulated node keeps its state beside the run, as `fedrec simulate`
         state_dir = Path(str(context.run_config.get("output", "runs/flwr"))) / "clients" / name
+    else:  # a deployed node without a state-dir: under its working directory, never the server's
+        state_dir = Path("fedrec-client-state") / name
     delta = float(node["delta"]) if "delta" in node else None  # type: ignore[arg-type]
     return cfg, LocalSettings(name, state_dir, budget, delta, cache_dir, bool(default_offline()))
 

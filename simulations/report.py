@@ -22,8 +22,8 @@ def write_reports(root: Path, cfg: Config) -> None:
     eps = {c: [(x["round"], x["epsilon"]) for x in lines] for c, lines in ledgers.items()}
     md = _markdown(cfg, rounds, ledgers, final, key)
     (root / "report.md").write_text(md)
-    plots = (_svg({"global model": ndcg}, f"validation {key} (best β)", "round")
-             + _svg(eps, "ε spent per client (user-level, δ in the ledgers)", "round"))
+    plots = (line_plot({"global model": ndcg}, f"validation {key} (best β)", "round")
+             + line_plot(eps, "ε spent per client (user-level, δ in the ledgers)", "round"))
     body = "<pre>" + html.escape(md) + "</pre>"
     (root / "report.html").write_text(
         f"<!doctype html><meta charset='utf-8'><title>fedrec {html.escape(cfg.name)}</title>"
@@ -59,7 +59,7 @@ def _markdown(cfg: Config, rounds: Sequence[Mapping], ledgers: Mapping[str, Sequ
     return "\n".join(lines) + "\n"
 
 
-def _svg(series: Mapping[str, Sequence[tuple[float, float]]], title: str, xlabel: str) -> str:
+def line_plot(series: Mapping[str, Sequence[tuple[float, float]]], title: str, xlabel: str) -> str:
     """A small line plot as inline SVG (no plotting dependency)."""
     w, h, pad = 560, 260, 45
     points = [p for s in series.values() for p in s]
@@ -73,6 +73,8 @@ def _svg(series: Mapping[str, Sequence[tuple[float, float]]], title: str, xlabel
              f"<text x='{w / 2}' y='{h - 8}' font-size='12'>{xlabel}</text>",
              f"<text x='5' y='{pad - 10}' font-size='11'>{y1:.3g}</text>",
              f"<text x='5' y='{h - pad}' font-size='11'>0</text>"]
+    parts += [f"<text x='{sx(x) - 4:.1f}' y='{h - pad + 14}' font-size='10'>{x:g}</text>"
+              for x in sorted({p[0] for p in points})]
     for i, (name, pts) in enumerate(series.items()):
         color = COLORS[i % len(COLORS)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)

@@ -135,3 +135,22 @@ def test_unreadable_state_stops_the_client(tiny_data: Path, tmp_path: Path) -> N
 
     with pytest.raises(PrivacyError, match="record of spent budget"):
         make_app(cfg, tmp_path, 8.0)(train_message(global_adapter(cfg, tmp_path), 1), context())
+
+
+def test_a_deployed_client_takes_its_budget_from_its_own_node_config(tmp_path: Path) -> None:
+    from fedrec.common.errors import ConfigError
+
+    run_config = {"fed.rounds": 4, "privacy.target_epsilon": 100.0, "output": str(tmp_path / "server")}
+    node = {"client-name": "hospital-a", "epsilon-budget": 2.5, "state-dir": str(tmp_path / "a")}
+    cfg, local = client_app.settings_from_context(
+        Context(run_id=1, node_id=3, node_config=node, state=RecordDict(), run_config=run_config))
+    assert cfg.fed.rounds == 4
+    assert (local.name, local.epsilon_budget, local.state_dir) == ("hospital-a", 2.5, tmp_path / "a")
+
+    with pytest.raises(ConfigError, match="epsilon-budget"):  # never the server's privacy.target_epsilon
+        client_app.settings_from_context(
+            Context(run_id=1, node_id=3, node_config={"client-name": "b"}, state=RecordDict(),
+                    run_config=run_config))
+    _, simulated = client_app.settings_from_context(
+        Context(run_id=1, node_id=3, node_config={"partition-id": 1}, state=RecordDict(), run_config=run_config))
+    assert simulated.name == "client-1" and simulated.state_dir == tmp_path / "server" / "clients" / "client-1"

@@ -113,7 +113,8 @@ def _job(cfg: Config, local: LocalSettings, context: Context) -> ClientJob:
         model_key = ("model", to_key(cfg.model), to_key(cfg.lora), cfg.train.seed, cfg.train.temperature)
         loaded = _shared(model_key, lambda: build_recommender(cfg, cache_dir=local.cache_dir,
                                                               offline=local.offline))
-        job = ClientJob(cfg, local, *_client_data(cfg, local, context), loaded=loaded)
+        dataset, split = _client_data(cfg, local, context)
+        job = ClientJob(cfg, local, dataset, split, loaded=loaded)
         _JOBS.clear()
         _JOBS[key] = job
     return job

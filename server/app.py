@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from fedrec.client.secagg import LEDGER
 from fedrec.common.config import Config, from_run_config, to_dict
 from fedrec.common.errors import AdapterError, ConfigError
 from fedrec.common.evaluation import PRIOR_WEIGHTS
 from fedrec.common.lora import save_adapter, tensors_digest, validate_adapter
 from fedrec.common.model import build_recommender
 from fedrec.common.rundir import RunDir
-from fedrec.client.secagg import LEDGER
 from fedrec.server.secagg import secagg_round
 from fedrec.server.strategy import (
     aggregate,

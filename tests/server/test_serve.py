@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -331,3 +335,64 @@ def test_not_a_run_directory_is_one_clean_line(tmp_path: Path, capsys) -> None:
 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "config.toml" in err[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_command_with_workers_and_key_file(run_dir: Path, tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    port = free_port()
+    cmd = [sys.executable, "-m", "fedrec.cli", "serve", str(run_dir), "--port", str(port), "--workers", "2",
+           "--api-key-file", str(key_file), "--cache-dir", str(run_dir.parent / "cache"), "--offline"]
+    log = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "fedrec serve did not start"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        answers = [post(url, {"history": ["i2", "i4"], "k": 3}, headers={"X-API-Key": KEY}) for _ in range(4)]
+        refused = post(url, {"history": ["i2"]})
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # uvicorn's supervisor and its two workers
+        proc.wait(timeout=30)
+
+    assert {r.status_code for r in answers} == {200}
+    assert len({json.dumps(r.json()) for r in answers}) == 1  # every worker serves the same model
+    assert refused.status_code == 401
+
+
+@pytest.mark.slow
+def test_serves_a_real_federated_simulation(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    settings = ['model.name="tiny-random"', "data.max_users=0", "lora.rank=2", "lora.last_layers=1",
+                "train.batch_size=8", "train.negatives=3", "model.max_history_tokens=120",
+                "model.max_item_tokens=40", "fed.clients=2", "fed.rounds=1", "fed.local_epochs=0.5"]
+    args = ["simulate", "--data", str(tiny_data), "--output", str(out), "--cache-dir", str(cache), "--offline"]
+    assert main([*args, *(x for s in settings for x in ("--set", s))]) == 0
+    capsys.readouterr()
+
+    service = load_service(out, ServeSettings(), cache_dir=cache, offline=True)
+    with serving(create_app(service, HttpSettings())) as base:
+        items = post(base, {"history": ["i1", "i7"], "k": 5}).json()["items"]
+        card = httpx.get(f"{base}/model").json()
+
+    final = json.loads((out / "final" / "metrics.json").read_text())
+    assert len(items) == 5 and not {"i1", "i7"} & {i["item_id"] for i in items}
+    assert card["kind"] == "federated" and card["rounds"] == 1
+    assert card["prior_weight"] == final["prior_weight"]
+    for client, summary in card["epsilon"]["per_party"].items():
+        lines = [json.loads(x) for x in (out / "ledgers" / f"{client}.jsonl").read_text().splitlines()]
+        assert summary["epsilon"] == lines[-1]["epsilon"] and summary["releases"] == len(lines)
+    assert set(card["epsilon"]["per_party"]) == {"client-0", "client-1"}

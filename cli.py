@@ -71,6 +71,8 @@ def _serving(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="catalogue to rank (a data set directory; default: the run's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's model.device")
     parser.add_argument("--no-merge", action="store_true", help="keep LoRA unmerged at inference")
+    parser.add_argument("--encode-batch", type=int, default=8,
+                        help="prompts per forward pass (a micro-batch is cut into passes by length)")
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--offline", action="store_true")
 
@@ -135,7 +137,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def _serve_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from fedrec.server.service import ServeSettings
 
-    return ServeSettings(method=args.method, data=args.data, device=args.device, merge=not args.no_merge)
+    return ServeSettings(method=args.method, data=args.data, device=args.device, merge=not args.no_merge,
+                         encode_batch=args.encode_batch)
 
 
 def _api_key(path: Path | None) -> str | None:

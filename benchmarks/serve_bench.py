@@ -6,9 +6,10 @@ exact training-split popularity as prior counts. Serving cost does not depend on
 adapter learned (same shapes, same merged weights), so no training run is needed.
 
 Each server runs as a separate `fedrec serve` process (as a person would run it); this process
-only sends requests: a bounded number per concurrency level, random histories of 3-10 items.
+only sends requests: a bounded number per concurrency level (max(20, 3·c) per repetition),
+random histories of 3-10 items, the modes interleaved.
 
-    python benchmarks/serve_bench.py [--device cpu|cuda] [--requests-per-client 6] [--out FILE]
+    python benchmarks/serve_bench.py [--device cpu|cuda] [--requests-per-client 3] [--reps 2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-async def load(url: str, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
-    """Send `bodies` with `concurrency` clients in flight; latency percentiles and requests/s."""
+async def load(url: str, bodies: list[dict[str, Any]], concurrency: int) -> tuple[list[float], float]:
+    """Send `bodies` with `concurrency` clients in flight; per-request seconds and the wall time."""
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     for b in bodies:
         queue.put_nowait(b)
@@ -111,53 +112,66 @@ async def load(url: str, bodies: list[dict[str, Any]], concurrency: int) -> dict
             latencies.append(time.perf_counter() - t0)
             response.raise_for_status()
 
-    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+        return latencies, time.perf_counter() - start
+
+
+def summary(latencies: list[float], seconds: float) -> dict[str, float]:
     ms = np.array(latencies) * 1000
-    return {"requests": len(bodies), "p50_ms": round(float(np.percentile(ms, 50)), 1),
+    return {"requests": len(latencies), "p50_ms": round(float(np.percentile(ms, 50)), 1),
             "p99_ms": round(float(np.percentile(ms, 99)), 1), "mean_ms": round(float(ms.mean()), 1),
-            "requests_per_s": round(len(bodies) / wall, 2), "seconds": round(wall, 2)}
+            "requests_per_s": round(len(latencies) / seconds, 2), "seconds": round(seconds, 2)}
 
 
 def requests_for(item_ids: list[str], n: int, rng: random.Random) -> list[dict[str, Any]]:
     return [{"history": rng.sample(item_ids, rng.randint(3, 10)), "k": 10} for _ in range(n)]
 
 
-def bench_server(run: Path, cache: Path, item_ids: list[str], flags: list[str], levels: tuple[int, ...],
-                 per_client: int, seed: int) -> dict[str, Any]:
-    proc, url = start_server(run, cache, *flags)
+MODES = {  # name -> `fedrec serve` flags, concurrency levels
+    "batched": ([], CONCURRENCY),
+    "unbatched": (["--no-batching"], CONCURRENCY),
+    "unbatched_unmerged": (["--no-batching", "--no-merge"], (1,)),
+}
+
+
+def run_all(run: Path, cache: Path, item_ids: list[str], per_client: int, reps: int) -> dict[str, Any]:
+    """All servers up at once; every (concurrency, repetition) runs each mode back to back, in
+    alternating order, so that load from elsewhere on the machine hits the modes alike."""
+    servers = {name: start_server(run, cache, *flags) for name, (flags, _) in MODES.items()}
     try:
-        rng = random.Random(seed)
-        asyncio.run(load(url, requests_for(item_ids, 8, rng), 1))  # warm-up
-        out = {}
-        for c in levels:
-            bodies = requests_for(item_ids, max(40, per_client * c), rng)
-            out[str(c)] = asyncio.run(load(url, bodies, c))
-            print(f"{' '.join(flags) or 'batched'} c={c}: {out[str(c)]}", flush=True)
-        return out
+        rng = random.Random(0)
+        for _, url in servers.values():
+            asyncio.run(load(url, requests_for(item_ids, 4, rng), 1))  # warm-up
+        raw: dict[str, dict[int, tuple[list[float], float]]] = {name: {} for name in MODES}
+        for rep in range(reps):
+            for c in CONCURRENCY:
+                bodies = requests_for(item_ids, max(20, per_client * c), rng)
+                names = [n for n in MODES if c in MODES[n][1]]
+                for name in names if rep % 2 == 0 else names[::-1]:
+                    lat, wall = asyncio.run(load(servers[name][1], bodies, c))
+                    seen, total = raw[name].get(c, ([], 0.0))
+                    raw[name][c] = (seen + lat, total + wall)
+                    print(f"rep {rep} {name} c={c}: {summary(lat, wall)}", flush=True)
     finally:
-        stop_server(proc)
+        for proc, _ in servers.values():
+            stop_server(proc)
+    return {name: {str(c): summary(*v) for c, v in per_c.items()} for name, per_c in raw.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--requests-per-client", type=int, default=6)
+    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
     args = parser.parse_args()
     cache = default_cache_dir()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         run, item_ids = make_run_dir(Path(tmp) / "run", cache, args.device)
-        modes = {
-            "batched": bench_server(run, cache, item_ids, [], CONCURRENCY, args.requests_per_client, 0),
-            "unbatched": bench_server(run, cache, item_ids, ["--no-batching"], CONCURRENCY,
-                                      args.requests_per_client, 0),
-            "unbatched_unmerged": bench_server(run, cache, item_ids, ["--no-batching", "--no-merge"], (1,),
-                                               args.requests_per_client, 0),
-        }
+        modes = run_all(run, cache, item_ids, args.requests_per_client, args.reps)
     ratio = {c: round(modes["batched"][c]["requests_per_s"] / modes["unbatched"][c]["requests_per_s"], 2)
              for c in map(str, CONCURRENCY)}
     result = {
@@ -168,10 +182,10 @@ def main() -> None:
                     "torch_threads": torch.get_num_threads(),
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
-        "history_items": "3-10 random", "k": 10, "batch_wait_ms": 5.0, "max_batch": 32,
-        "modes": modes, "batched_over_unbatched_requests_per_s": ratio,
-        "merge_speedup_p50_c1": round(modes["unbatched_unmerged"]["1"]["p50_ms"]
-                                      / modes["unbatched"]["1"]["p50_ms"], 3),
+        "history_items": "3-10 random", "k": 10, "batch_wait_ms": 5.0, "max_batch": 32, "encode_batch": 8,
+        "repetitions": args.reps, "modes": modes, "batched_over_unbatched_requests_per_s": ratio,
+        "unmerged_over_merged_p50_c1": round(modes["unbatched_unmerged"]["1"]["p50_ms"]
+                                             / modes["unbatched"]["1"]["p50_ms"], 3),
         "targets": {"p99_ms_c1_under_250": modes["unbatched"]["1"]["p99_ms"] < 250
                     and modes["batched"]["1"]["p99_ms"] < 250,
                     "batched_3x_at_c32": ratio["32"] >= 3.0},

@@ -43,12 +43,15 @@ class ServeSettings:
     data: str | None = None  # catalogue to rank (a data set directory); None: the run's data set
     device: str | None = None  # None: the run's model.device
     merge: bool = True  # fold the LoRA weights into the base weights for inference
+    # Sequences per forward pass: a micro-batch is sorted by length and cut into passes of this
+    # size, so little compute goes to padding (on a 2-core CPU, 8 did better than 32).
+    encode_batch: int = 8
     max_history: int = 200  # history entries accepted per request (the model reads the most recent)
     max_k: int = 100
     max_text_chars: int = 2000
 
     def __post_init__(self) -> None:
-        for key in ("max_history", "max_k", "max_text_chars"):
+        for key in ("max_history", "max_k", "max_text_chars", "encode_batch"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"serve {key}={getattr(self, key)} must be > 0")
         if self.device not in (None, "auto", "cpu", "cuda"):
@@ -232,7 +235,7 @@ class RecommenderService:
     def recommend(self, queries: Sequence[Query]) -> list[list[Scored]]:
         """The top K of each query, scored in one batch through the user tower."""
         titles = [[self.dataset.item_titles[i] for i in q.history[-self.max_history :]] for q in queries]
-        users = self.rec.encode_users(titles, [q.text for q in queries])  # (B, H)
+        users = self._encode([self.rec.user_ids(t, q.text) for t, q in zip(titles, queries, strict=True)])
         scores = self.rec.logits(users, self.items).double()  # (B, I), as evaluation adds in float64
         if self.prior is not None:
             scores = scores + self.prior[None, :]
@@ -244,6 +247,18 @@ class RecommenderService:
             top = torch.topk(scores[row], k=min(q.k, available))
             out.append([Scored(self.dataset.item_ids[i], self.dataset.item_titles[i], float(v))
                         for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)])
+        return out
+
+
+    def _encode(self, sequences: list[list[int]]) -> torch.Tensor:
+        """(B, H) user vectors; passes of similar-length prompts, results in request order."""
+        order = sorted(range(len(sequences)), key=lambda n: len(sequences[n]))
+        step = self.settings.encode_batch
+        parts = [(rows, self.rec.encode_ids([sequences[r] for r in rows]))
+                 for rows in (order[i : i + step] for i in range(0, len(order), step))]
+        out = torch.empty((len(sequences), parts[0][1].shape[1]), device=parts[0][1].device)
+        for rows, vectors in parts:
+            out[rows] = vectors
         return out
 
 

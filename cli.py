@@ -70,7 +70,8 @@ def _serving(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", help="central runs: whose adapter, e.g. central-dp-lora")
     parser.add_argument("--data", help="catalogue to rank (a data set directory; default: the run's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's model.device")
-    parser.add_argument("--no-merge", action="store_true", help="keep LoRA unmerged at inference")
+    parser.add_argument("--merge", action="store_true",
+                        help="fold LoRA into the base weights (not faster on CPU; see benchmarks/README.md)")
     parser.add_argument("--encode-batch", type=int, default=8,
                         help="prompts per forward pass (a micro-batch is cut into passes by length)")
     parser.add_argument("--cache-dir", type=Path)
@@ -137,7 +138,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def _serve_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from fedrec.server.service import ServeSettings
 
-    return ServeSettings(method=args.method, data=args.data, device=args.device, merge=not args.no_merge,
+    return ServeSettings(method=args.method, data=args.data, device=args.device, merge=args.merge,
                          encode_batch=args.encode_batch)
 
 
@@ -155,7 +156,9 @@ def _api_key(path: Path | None) -> str | None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from fedrec.server.serve import HttpSettings, ServeSpec, run
+    from fedrec.server.service import locate_run
 
+    locate_run(args.run_dir, args.method)  # a wrong RUN_DIR fails here, not in each worker
     http = HttpSettings(api_key=_api_key(args.api_key_file), cors_origins=tuple(args.cors_origin),
                         batching=not args.no_batching, max_batch=args.max_batch,
                         batch_wait_ms=args.batch_wait_ms)

@@ -342,6 +342,9 @@ def run(spec: ServeSpec, *, host: str, port: int, workers: int = 1) -> None:
 
     if workers < 1:
         raise ConfigError(f"--workers {workers} must be >= 1")
+    if spec.http.get("api_key") is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without an API key: anyone who can reach this port can query "
+                    "the model", host)
     if workers == 1:
         uvicorn.run(spec.build(), host=host, port=port, log_level="info")
         return

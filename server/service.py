@@ -42,7 +42,9 @@ class ServeSettings:
     method: str | None = None  # central runs: the method whose adapter is served
     data: str | None = None  # catalogue to rank (a data set directory); None: the run's data set
     device: str | None = None  # None: the run's model.device
-    merge: bool = True  # fold the LoRA weights into the base weights for inference
+    # Fold LoRA into the base weights for inference. Off by default: on the 2-core CPU it was not
+    # faster (benchmarks/README.md), and unmerged the user tower is evaluation's very computation.
+    merge: bool = False
     # Sequences per forward pass: a micro-batch is sorted by length and cut into passes of this
     # size, so little compute goes to padding (on a 2-core CPU, 8 did better than 32).
     encode_batch: int = 8

@@ -151,6 +151,18 @@ def test_known_history_returns_k_distinct_unseen_items_ranked_as_evaluation(url:
     assert scores == pytest.approx(ref_scores, rel=1e-4, abs=1e-4)
 
 
+def test_merged_lora_ranks_as_unmerged(run_dir: Path, service: RecommenderService) -> None:
+    merged = load_service(run_dir, ServeSettings(merge=True), cache_dir=run_dir.parent / "cache", offline=True)
+    queries = [service.query(history=["i2", "i8", "i11"], k=6), service.query(text="sci-fi", k=6)]
+
+    got, ref = merged.recommend(queries), service.recommend(queries)
+
+    assert merged.info["lora_merged"] and not service.info["lora_merged"]
+    for a, b in zip(got, ref):
+        assert [x.item_id for x in a] == [x.item_id for x in b]
+        assert [x.score for x in a] == pytest.approx([x.score for x in b], rel=1e-4, abs=1e-4)
+
+
 def test_titles_resolve_to_the_same_items_as_ids(url: str) -> None:
     by_id = post(url, {"history": ["i1", "i5"], "k": 5}).json()
 

@@ -72,8 +72,8 @@ def _serving(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's model.device")
     parser.add_argument("--merge", action="store_true",
                         help="fold LoRA into the base weights (not faster on CPU; see benchmarks/README.md)")
-    parser.add_argument("--encode-batch", type=int, default=8,
-                        help="prompts per forward pass (a micro-batch is cut into passes by length)")
+    parser.add_argument("--encode-batch", type=int,
+                        help="prompts per forward pass (default: 1 on CPU, 32 on GPU)")
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--offline", action="store_true")
 

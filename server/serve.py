@@ -250,7 +250,7 @@ def _routes(
         limits = {k: v for k, v in asdict(service.settings).items() if k.startswith("max_")}
         return {**service.info, "limits": limits,
                 "batching": {"enabled": settings.batching, "max_batch": settings.max_batch,
-                             "wait_ms": settings.batch_wait_ms}}
+                             "wait_ms": settings.batch_wait_ms, "encode_batch": service.encode_batch}}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -45,16 +45,17 @@ class ServeSettings:
     # Fold LoRA into the base weights for inference. Off by default: on the 2-core CPU it was not
     # faster (benchmarks/README.md), and unmerged the user tower is evaluation's very computation.
     merge: bool = False
-    # Sequences per forward pass: a micro-batch is sorted by length and cut into passes of this
-    # size, so little compute goes to padding (on a 2-core CPU, 8 did better than 32).
-    encode_batch: int = 8
+    # Prompts per forward pass; a micro-batch is sorted by length and cut into passes of this
+    # size. None: 1 on CPU, where padded passes were slower than one prompt at a time (measured,
+    # benchmarks/README.md), and 32 on a GPU (not measured: no GPU was available).
+    encode_batch: int | None = None
     max_history: int = 200  # history entries accepted per request (the model reads the most recent)
     max_k: int = 100
     max_text_chars: int = 2000
 
     def __post_init__(self) -> None:
         for key in ("max_history", "max_k", "max_text_chars", "encode_batch"):
-            if getattr(self, key) <= 0:
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"serve {key}={getattr(self, key)} must be > 0")
         if self.device not in (None, "auto", "cpu", "cuda"):
             raise ConfigError(f"--device {self.device!r} is not allowed; choose auto, cpu or cuda")
@@ -174,6 +175,7 @@ class RecommenderService:
         self._ids = {item_id: row for row, item_id in enumerate(dataset.item_ids)}
         self._titles = _title_index(dataset.item_titles, strip_year=False)
         self._short_titles = _title_index(dataset.item_titles, strip_year=True)
+        self.encode_batch = settings.encode_batch or (1 if rec.device.type == "cpu" else 32)
 
     @property
     def num_items(self) -> int:
@@ -251,11 +253,10 @@ class RecommenderService:
                         for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)])
         return out
 
-
     def _encode(self, sequences: list[list[int]]) -> torch.Tensor:
         """(B, H) user vectors; passes of similar-length prompts, results in request order."""
         order = sorted(range(len(sequences)), key=lambda n: len(sequences[n]))
-        step = self.settings.encode_batch
+        step = self.encode_batch
         parts = [(rows, self.rec.encode_ids([sequences[r] for r in rows]))
                  for rows in (order[i : i + step] for i in range(0, len(order), step))]
         out = torch.empty((len(sequences), parts[0][1].shape[1]), device=parts[0][1].device)

@@ -73,7 +73,7 @@ def _serving(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", action="store_true",
                         help="fold LoRA into the base weights (not faster on CPU; see benchmarks/README.md)")
     parser.add_argument("--encode-batch", type=int,
-                        help="prompts per forward pass (default: 1 on CPU, 32 on GPU)")
+                        help="prompts per forward pass (default: 8 on CPU, 32 on GPU)")
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--offline", action="store_true")
 

@@ -46,8 +46,9 @@ class ServeSettings:
     # faster (benchmarks/README.md), and unmerged the user tower is evaluation's very computation.
     merge: bool = False
     # Prompts per forward pass; a micro-batch is sorted by length and cut into passes of this
-    # size. None: 1 on CPU, where padded passes were slower than one prompt at a time (measured,
-    # benchmarks/README.md), and 32 on a GPU (not measured: no GPU was available).
+    # size. None: 8 on CPU (1.39x the requests/s of one prompt per pass at 32 clients in the
+    # committed benchmark run, though slower when the CPU was oversubscribed; benchmarks/README.md)
+    # and 32 on a GPU (not measured: no GPU was available).
     encode_batch: int | None = None
     max_history: int = 200  # history entries accepted per request (the model reads the most recent)
     max_k: int = 100
@@ -175,7 +176,7 @@ class RecommenderService:
         self._ids = {item_id: row for row, item_id in enumerate(dataset.item_ids)}
         self._titles = _title_index(dataset.item_titles, strip_year=False)
         self._short_titles = _title_index(dataset.item_titles, strip_year=True)
-        self.encode_batch = settings.encode_batch or (1 if rec.device.type == "cpu" else 32)
+        self.encode_batch = settings.encode_batch or (8 if rec.device.type == "cpu" else 32)
 
     @property
     def num_items(self) -> int:

@@ -33,6 +33,10 @@ from safetensors.torch import load_file
 log = logging.getLogger(__name__)
 
 _YEAR = re.compile(r"\s*\(\d{4}\)\s*$")  # "Star Wars (1977)" is also found as "Star Wars"
+# MovieLens writes "Godfather, The (1972)"; it is also found as "The Godfather (1972)"
+_ARTICLE = re.compile(
+    r"^(?P<rest>.+), (?P<article>The|A|An|La|Le|Les|Il|Das|Der|Die|El)(?P<year>\s*\(\d{4}\))?$", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -267,10 +271,17 @@ class RecommenderService:
 
 
 def _title_index(titles: Sequence[str], *, strip_year: bool) -> dict[str, list[int]]:
+    """Casefolded title (or title without its year) -> rows; "X, The" also as "The X"."""
     index: dict[str, list[int]] = {}
     for row, title in enumerate(titles):
-        key = _YEAR.sub("", title) if strip_year else title
-        index.setdefault(key.strip().casefold(), []).append(row)
+        variants = {title.strip()}
+        if (m := _ARTICLE.match(title.strip())) is not None:
+            variants.add(f"{m['article']} {m['rest']}{m['year'] or ''}")
+        for variant in variants:
+            key = _YEAR.sub("", variant) if strip_year else variant
+            rows = index.setdefault(key.strip().casefold(), [])
+            if row not in rows:
+                rows.append(row)
     return index
 
 

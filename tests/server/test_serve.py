@@ -32,7 +32,8 @@ from fedrec.server.serve import HttpSettings, create_app
 from fedrec.server.service import RecommenderService, ServeSettings, load_service, locate_run
 from safetensors.torch import save_file
 
-TRAINED_ITEMS = 30  # items of the catalogue when the run trained; two more are added afterwards
+TRAINED_ITEMS = 30  # items of the catalogue when the run trained
+NEW_ITEMS = 3  # added to the item file afterwards
 KEY = "test-key-0123456789"
 
 
@@ -40,7 +41,8 @@ def write_catalogue(root: Path) -> Path:
     """A CSV data set of 30 items ("Movie j (1980+j)", id ij), then two items added after training."""
     root.mkdir(parents=True)
     items = ["item_id,title,genres", *(f"i{j},Movie {j} ({1980 + j}),Genre {j % 4}" for j in range(TRAINED_ITEMS))]
-    items += ["x1,Twin Peaks (1990),Drama", "x2,Twin Peaks (1990),Mystery"]  # one title, two items
+    items += ["x1,Twin Peaks (1990),Drama", "x2,Twin Peaks (1990),Mystery",  # one title, two items
+              "x3,\"Game, The (1997)\",Thriller"]  # the catalogue's way of writing "The Game"
     (root / "items.csv").write_text("\n".join(items) + "\n")
     inter = ["user_id,item_id,timestamp", *(f"u{u},i{(u * 3 + t * 5) % TRAINED_ITEMS},{t}"
                                              for u in range(12) for t in range(5))]
@@ -125,7 +127,7 @@ def reference_top(run_dir: Path, history: list[int], k: int) -> tuple[list[int],
     items = loaded.rec.encode_all(list(dataset.item_texts), users=False, batch_size=64)
     scores = llm_scores(loaded.rec, items, [history], dataset.item_titles, max_history=cfg.data.max_history,
                         batch_size=8)[0].astype(np.float64)
-    counts = np.concatenate([(np.arange(TRAINED_ITEMS) % 7).astype(np.float32) * 3 - 2, [0.0, 0.0]])
+    counts = np.concatenate([(np.arange(TRAINED_ITEMS) % 7).astype(np.float32) * 3 - 2, [0.0] * NEW_ITEMS])
     scores = scores + prior_scores(counts, 2.0)
     scores[history] = -np.inf
     top = np.argsort(-scores, kind="stable")[:k]
@@ -167,9 +169,12 @@ def test_titles_resolve_to_the_same_items_as_ids(url: str) -> None:
     by_id = post(url, {"history": ["i1", "i5"], "k": 5}).json()
 
     by_title = post(url, {"history": ["Movie 1 (1981)", "movie 5"], "k": 5}).json()
+    article = [post(url, {"history": [t]}).json()["history"][0]["item_id"]
+               for t in ("Game, The (1997)", "The Game (1997)", "the game")]
 
     assert [h["item_id"] for h in by_title["history"]] == ["i1", "i5"]
     assert by_title["items"] == by_id["items"]
+    assert article == ["x3", "x3", "x3"]
 
 
 def test_cold_start_text_and_text_with_history(url: str) -> None:
@@ -185,15 +190,15 @@ def test_cold_start_text_and_text_with_history(url: str) -> None:
 
 
 def test_new_catalogue_items_are_scored_without_retraining(url: str, service: RecommenderService) -> None:
-    everything = post(url, {"history": ["i0"], "k": TRAINED_ITEMS + 1}).json()["items"]
+    everything = post(url, {"history": ["i0"], "k": TRAINED_ITEMS + NEW_ITEMS - 1}).json()["items"]
 
-    assert service.num_items == TRAINED_ITEMS + 2
-    assert {"x1", "x2"} <= {i["item_id"] for i in everything}
+    assert service.num_items == TRAINED_ITEMS + NEW_ITEMS
+    assert {"x1", "x2", "x3"} <= {i["item_id"] for i in everything}
     assert all(np.isfinite(i["score"]) for i in everything)
 
 
 def test_exclude_seen_false_may_return_history_items(url: str) -> None:
-    items = post(url, {"history": ["i0"], "k": TRAINED_ITEMS + 2, "exclude_seen": False}).json()["items"]
+    items = post(url, {"history": ["i0"], "k": TRAINED_ITEMS + NEW_ITEMS, "exclude_seen": False}).json()["items"]
 
     assert "i0" in {i["item_id"] for i in items}
 
@@ -209,9 +214,9 @@ def test_items_search_model_card_health_and_page(url: str, run_dir: Path) -> Non
     assert all("movie" in i["title"].lower() and "2" in i["title"] for i in found)
     assert card["base_model"] == "tiny-random" and card["rounds"] == 2 and card["kind"] == "federated"
     assert card["adapter_sha256"] == hashlib.sha256((run_dir / "final" / "adapter.safetensors").read_bytes()).hexdigest()
-    assert card["dataset"]["items"] == TRAINED_ITEMS + 2 and card["prior_weight"] == 2.0
+    assert card["dataset"]["items"] == TRAINED_ITEMS + NEW_ITEMS and card["prior_weight"] == 2.0
     assert card["epsilon"]["per_party"]["client-1"]["epsilon"] == 2.5 and card["epsilon"]["max"] == 2.5
-    assert health == {"status": "ok", "items": TRAINED_ITEMS + 2}
+    assert health == {"status": "ok", "items": TRAINED_ITEMS + NEW_ITEMS}
     assert page.status_code == 200 and "/recommend" in page.text
     assert {"/recommend", "/items", "/model", "/health"} <= set(docs["paths"])
     assert "access-control-allow-origin" not in httpx.get(f"{url}/health", headers={"Origin": "http://x"}).headers

@@ -13,6 +13,7 @@ from pathlib import Path
 from fedrec.common.errors import ConfigError, FedrecError
 
 log = logging.getLogger("fedrec")
+API_KEY_ENV = "FEDREC_API_KEY"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -71,10 +72,44 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--app-dir", type=Path, help="the fedrec source tree `flwr run` packages")
     init.add_argument("--insecure", action="store_true",
                       help="DEVELOPMENT ONLY: no TLS, no SuperNode authentication, one machine")
+    serve = sub.add_parser("serve", help="HTTP recommendation service over a run directory")
+    _serving(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="processes, each with its own model copy")
+    serve.add_argument("--api-key-file", type=Path,
+                       help=f"require this key in the X-API-Key header (or set ${API_KEY_ENV})")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="allow browser calls from this origin (repeatable; default: no CORS)")
+    serve.add_argument("--no-batching", action="store_true", help="score every request alone")
+    serve.add_argument("--max-batch", type=int, default=32, help="requests per micro-batch")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="how long a micro-batch waits for more requests")
+    recommend = sub.add_parser("recommend", help="one-off recommendations from a run directory")
+    _serving(recommend)
+    recommend.add_argument("--history", action="append", default=[], metavar="ID_OR_TITLE",
+                           help="an item the user liked, oldest first (repeatable)")
+    recommend.add_argument("--text", help="the user's taste in their own words (cold start)")
+    recommend.add_argument("--k", type=int, default=10, help="how many items (default 10)")
+    recommend.add_argument("--include-seen", action="store_true", help="allow the history's own items")
+    recommend.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fetch = sub.add_parser("fetch", help="download and verify the default assets into the cache")
     fetch.add_argument("--cache-dir", type=Path)
     fetch.add_argument("--offline", action="store_true")
     return parser
+
+
+def _serving(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory with a final adapter")
+    parser.add_argument("--method", help="central runs: whose adapter, e.g. central-dp-lora")
+    parser.add_argument("--data", help="catalogue to rank (a data set directory; default: the run's)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's model.device")
+    parser.add_argument("--merge", action="store_true",
+                        help="fold LoRA into the base weights (not faster on CPU; see benchmarks/README.md)")
+    parser.add_argument("--encode-batch", type=int,
+                        help="prompts per forward pass (default: 8 on CPU, 32 on GPU)")
+    parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--offline", action="store_true")
 
 
 def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -184,11 +219,61 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         f"  coordinator: {args.dir / 'coordinator'} (superlink.sh, register-supernodes.sh, run.sh)\n"
         + "".join(f"  {n}: {args.dir / 'institutions' / n} (send this folder to {n})\n"
                   for n in dep.institutions))
+def _serve_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from fedrec.server.service import ServeSettings
+
+    return ServeSettings(method=args.method, data=args.data, device=args.device, merge=args.merge,
+                         encode_batch=args.encode_batch)
+
+
+def _api_key(path: Path | None) -> str | None:
+    if path is None:
+        return os.environ.get(API_KEY_ENV) or None
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise FedrecError(f"--api-key-file {path}: cannot be read ({exc.strerror})") from None
+    if not key:
+        raise FedrecError(f"--api-key-file {path} is empty; write the key into it")
+    return key
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fedrec.server.serve import HttpSettings, ServeSpec, run
+    from fedrec.server.service import locate_run
+
+    locate_run(args.run_dir, args.method)  # a wrong RUN_DIR fails here, not in each worker
+    http = HttpSettings(api_key=_api_key(args.api_key_file), cors_origins=tuple(args.cors_origin),
+                        batching=not args.no_batching, max_batch=args.max_batch,
+                        batch_wait_ms=args.batch_wait_ms)
+    sources = _sources(args)
+    spec = ServeSpec(run_dir=str(args.run_dir), cache_dir=str(sources.cache_dir), offline=sources.offline,
+                     serve=dataclasses.asdict(_serve_settings(args)), http=dataclasses.asdict(http))
+    run(spec, host=args.host, port=args.port, workers=args.workers)
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    import json
+
+    from fedrec.server.service import load_service
+
+    sources = _sources(args)
+    service = load_service(args.run_dir, _serve_settings(args), cache_dir=sources.cache_dir,
+                           offline=sources.offline)
+    query = service.query(history=args.history, text=args.text, k=args.k, exclude_seen=not args.include_seen)
+    items = service.recommend([query])[0]
+    if args.json:
+        sys.stdout.write(json.dumps({"items": [dataclasses.asdict(i) for i in items]}, indent=2) + "\n")
+        return 0
+    width = max(len(i.item_id) for i in items) if items else 0
+    for rank, item in enumerate(items, start=1):
+        sys.stdout.write(f"{rank:>3}  {item.item_id:<{width}}  {item.score:8.3f}  {item.title}\n")
     return 0
 
 
 COMMANDS = {"train-central": cmd_train_central, "simulate": cmd_simulate, "fetch": cmd_fetch,
-            "audit": cmd_audit, "deploy": cmd_deploy}
+            "audit": cmd_audit, "deploy": cmd_deploy, "serve": cmd_serve, "recommend": cmd_recommend}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

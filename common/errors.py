@@ -27,3 +27,11 @@ class PrivacyError(FedrecError):
 
 class BudgetExhaustedError(PrivacyError):
     """Training the next round would take a client over its ε budget."""
+
+
+class RequestError(FedrecError):
+    """A bad request to the recommendation service: `field` names the offending input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field

@@ -43,6 +43,7 @@ from fedrec.common.privacy import (
     private_counts,
 )
 from fedrec.common.rundir import RunDir
+from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,9 @@ def _fused_rows(
     fused = evaluate(scores, ctx.test, prior=prior_scores(counts, beta), ks=ctx.cfg.eval.ks)
     ctx.run.write_json(f"{method}/final/metrics.json",
                        {"test": fused, "test_llm_only": alone, "prior_weight": beta})
+    # the counts the fused score used, so that `fedrec serve` ranks as this evaluation did
+    save_file({"counts": torch.from_numpy(counts.astype(np.float32))},
+              str(ctx.run.root / method / "final" / "prior_counts.safetensors"))
     return [
         _row(ctx, method, fused, epsilon=epsilon, seconds=seconds) | {"prior_weight": beta},
         _row(ctx, f"{method}-llm-only", alone, epsilon=epsilon, seconds=seconds),

@@ -37,6 +37,17 @@ def test_train_central_writes_a_complete_run(tmp_path: Path, tiny_data: Path, ti
     assert [e["epsilon"] for e in ledger] == sorted(e["epsilon"] for e in ledger)
     assert "central-dp-lora" in capsys.readouterr().out
     assert "[train]" in (out / "config.toml").read_text()
+    assert (out / "central-dp-lora" / "final" / "prior_counts.safetensors").is_file()
+
+    # the run can be served: --method picks whose adapter (fedrec recommend loads it as serve does)
+    serve = ["recommend", str(out), "--cache-dir", str(tmp_path / "cache"), "--offline", "--history", "i3",
+             "--k", "4", "--json"]
+    capsys.readouterr()
+    no_method = main(serve)
+    assert no_method == 2 and "central-dp-lora" in capsys.readouterr().err
+    assert main([*serve, "--method", "central-dp-lora"]) == 0
+    items = json.loads(capsys.readouterr().out)["items"]
+    assert len(items) == 4 and "i3" not in {i["item_id"] for i in items}
 
 
 def test_cli_errors_are_one_clean_line(tmp_path: Path, capsys) -> None:

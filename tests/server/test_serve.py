@@ -1,0 +1,416 @@
+"""The HTTP service: a real uvicorn server on a free loopback port, real HTTP requests, a run dir on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI
+from fedrec.cli import main
+from fedrec.common.config import load_config
+from fedrec.common.evaluation import llm_scores, prior_scores
+from fedrec.common.lora import load_adapter, save_adapter
+from fedrec.common.model import build_recommender
+from fedrec.common.rundir import RunDir
+from fedrec.server.serve import HttpSettings, create_app
+from fedrec.server.service import RecommenderService, ServeSettings, load_service, locate_run
+from safetensors.torch import save_file
+
+TRAINED_ITEMS = 30  # items of the catalogue when the run trained
+NEW_ITEMS = 3  # added to the item file afterwards
+KEY = "test-key-0123456789"
+
+
+def write_catalogue(root: Path) -> Path:
+    """A CSV data set of 30 items ("Movie j (1980+j)", id ij), then two items added after training."""
+    root.mkdir(parents=True)
+    items = ["item_id,title,genres", *(f"i{j},Movie {j} ({1980 + j}),Genre {j % 4}" for j in range(TRAINED_ITEMS))]
+    items += ["x1,Twin Peaks (1990),Drama", "x2,Twin Peaks (1990),Mystery",  # one title, two items
+              "x3,\"Game, The (1997)\",Thriller"]  # the catalogue's way of writing "The Game"
+    (root / "items.csv").write_text("\n".join(items) + "\n")
+    inter = ["user_id,item_id,timestamp", *(f"u{u},i{(u * 3 + t * 5) % TRAINED_ITEMS},{t}"
+                                             for u in range(12) for t in range(5))]
+    (root / "interactions.csv").write_text("\n".join(inter) + "\n")
+    return root
+
+
+def make_run(root: Path, cache: Path) -> Path:
+    """A federated run directory as `fedrec simulate` leaves it, with a non-trivial adapter."""
+    data = write_catalogue(root / "data")
+    cfg = load_config(None, [f'data.dataset="{data}"', 'model.name="tiny-random"', "lora.rank=2",
+                             "lora.last_layers=1", "model.max_history_tokens=120", "model.max_item_tokens=40",
+                             "data.max_history=4", 'name="serve-test"'])
+    loaded = build_recommender(cfg, cache_dir=cache)
+    gen = torch.Generator().manual_seed(1)
+    adapter = {k: torch.randn(v.shape, generator=gen) * 0.3 for k, v in loaded.initial_adapter.items()}
+    run = root / "run"
+    RunDir(run).write_config(cfg, {"clients": ["client-0", "client-1"], "engine": "test"})
+    save_adapter(run / "final" / "adapter.safetensors", adapter, {"run_id": "t", "rounds": "2", "variant": "lora"})
+    counts = (np.arange(TRAINED_ITEMS) % 7).astype(np.float32) * 3 - 2  # noisy counts may be negative
+    save_file({"counts": torch.from_numpy(counts)}, str(run / "final" / "prior_counts.safetensors"))
+    RunDir(run).write_json("final/metrics.json", {"prior_weight": 2.0, "rounds": 2, "test": {"ndcg@10": 0.1}})
+    for client, eps in (("client-0", [0.5, 1.5]), ("client-1", [0.7, 2.5])):
+        for rnd, e in enumerate(eps):
+            RunDir(run).append_jsonl(f"ledgers/{client}.jsonl", {
+                "round": rnd, "mechanism": "prior-counts" if rnd == 0 else "dp-sgd", "epsilon": e,
+                "delta": 1e-3, "accountant": "rdp"})
+    return run
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """Run `app` on uvicorn in a thread, on a socket bound to a free loopback port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    return make_run(root, root / "cache")
+
+
+@pytest.fixture(scope="module")
+def service(run_dir: Path) -> RecommenderService:
+    return load_service(run_dir, ServeSettings(), cache_dir=run_dir.parent / "cache", offline=True)
+
+
+@pytest.fixture(scope="module")
+def url(service: RecommenderService) -> Iterator[str]:
+    with serving(create_app(service, HttpSettings())) as base:
+        yield base
+
+
+def post(url: str, body: Any, **kw: Any) -> httpx.Response:
+    return httpx.post(f"{url}/recommend", json=body, timeout=30, **kw)
+
+
+def reference_top(run_dir: Path, history: list[int], k: int) -> tuple[list[int], list[float]]:
+    """Top K as evaluation scores it: unmerged model, llm_scores + prior_scores, history excluded."""
+    from fedrec.common.data import load_dataset
+    from fedrec.common.lora import read_adapter
+
+    cfg = locate_run(run_dir).config
+    dataset = load_dataset(Path(cfg.data.dataset))
+    loaded = build_recommender(cfg, cache_dir=run_dir.parent / "cache")
+    load_adapter(loaded.rec.model, read_adapter(run_dir / "final" / "adapter.safetensors"), source="test")
+    items = loaded.rec.encode_all(list(dataset.item_texts), users=False, batch_size=64)
+    scores = llm_scores(loaded.rec, items, [history], dataset.item_titles, max_history=cfg.data.max_history,
+                        batch_size=8)[0].astype(np.float64)
+    counts = np.concatenate([(np.arange(TRAINED_ITEMS) % 7).astype(np.float32) * 3 - 2, [0.0] * NEW_ITEMS])
+    scores = scores + prior_scores(counts, 2.0)
+    scores[history] = -np.inf
+    top = np.argsort(-scores, kind="stable")[:k]
+    return [dataset.item_ids[i] for i in top], scores[top].tolist()
+
+
+# --- recommendations -------------------------------------------------------------------------
+
+
+def test_known_history_returns_k_distinct_unseen_items_ranked_as_evaluation(url: str, run_dir: Path) -> None:
+    history = ["i1", "i5", "i9", "i14", "i20"]
+
+    response = post(url, {"history": history, "k": 7})
+
+    assert response.status_code == 200
+    items = response.json()["items"]
+    ids = [i["item_id"] for i in items]
+    assert len(ids) == 7 and len(set(ids)) == 7 and not set(ids) & set(history)
+    scores = [i["score"] for i in items]
+    assert scores == sorted(scores, reverse=True)
+    ref_ids, ref_scores = reference_top(run_dir, [1, 5, 9, 14, 20], 7)
+    assert ids == ref_ids
+    assert scores == pytest.approx(ref_scores, rel=1e-4, abs=1e-4)
+
+
+def test_merged_lora_ranks_as_unmerged(run_dir: Path, service: RecommenderService) -> None:
+    merged = load_service(run_dir, ServeSettings(merge=True), cache_dir=run_dir.parent / "cache", offline=True)
+    queries = [service.query(history=["i2", "i8", "i11"], k=6), service.query(text="sci-fi", k=6)]
+
+    got, ref = merged.recommend(queries), service.recommend(queries)
+
+    assert merged.info["lora_merged"] and not service.info["lora_merged"]
+    for a, b in zip(got, ref):
+        assert [x.item_id for x in a] == [x.item_id for x in b]
+        assert [x.score for x in a] == pytest.approx([x.score for x in b], rel=1e-4, abs=1e-4)
+
+
+def test_titles_resolve_to_the_same_items_as_ids(url: str) -> None:
+    by_id = post(url, {"history": ["i1", "i5"], "k": 5}).json()
+
+    by_title = post(url, {"history": ["Movie 1 (1981)", "movie 5"], "k": 5}).json()
+    article = [post(url, {"history": [t]}).json()["history"][0]["item_id"]
+               for t in ("Game, The (1997)", "The Game (1997)", "the game")]
+
+    assert [h["item_id"] for h in by_title["history"]] == ["i1", "i5"]
+    assert by_title["items"] == by_id["items"]
+    assert article == ["x3", "x3", "x3"]
+
+
+def test_cold_start_text_and_text_with_history(url: str) -> None:
+    cold = post(url, {"text": "I love 90s sci-fi and dark comedies", "k": 5})
+    other = post(url, {"text": "documentaries about cooking", "k": 5})
+    history_only = post(url, {"history": ["i3"], "k": 5}).json()["items"]
+    both = post(url, {"history": ["i3"], "text": "I love 90s sci-fi", "k": 5}).json()["items"]
+
+    assert cold.status_code == 200 and len({i["item_id"] for i in cold.json()["items"]}) == 5
+    assert [i["score"] for i in cold.json()["items"]] != [i["score"] for i in other.json()["items"]]
+    assert [i["score"] for i in both] != [i["score"] for i in history_only]
+    assert "i3" not in {i["item_id"] for i in both}
+
+
+def test_new_catalogue_items_are_scored_without_retraining(url: str, service: RecommenderService) -> None:
+    everything = post(url, {"history": ["i0"], "k": TRAINED_ITEMS + NEW_ITEMS - 1}).json()["items"]
+
+    assert service.num_items == TRAINED_ITEMS + NEW_ITEMS
+    assert {"x1", "x2", "x3"} <= {i["item_id"] for i in everything}
+    assert all(np.isfinite(i["score"]) for i in everything)
+
+
+def test_exclude_seen_false_may_return_history_items(url: str) -> None:
+    items = post(url, {"history": ["i0"], "k": TRAINED_ITEMS + NEW_ITEMS, "exclude_seen": False}).json()["items"]
+
+    assert "i0" in {i["item_id"] for i in items}
+
+
+def test_items_search_model_card_health_and_page(url: str, run_dir: Path) -> None:
+    found = httpx.get(f"{url}/items", params={"query": "movie 2"}).json()["items"]
+    card = httpx.get(f"{url}/model").json()
+    health = httpx.get(f"{url}/health").json()
+    page = httpx.get(f"{url}/")
+    docs = httpx.get(f"{url}/openapi.json").json()
+
+    assert {"Movie 2 (1982)", "Movie 20 (2000)"} <= {i["title"] for i in found}
+    assert all("movie" in i["title"].lower() and "2" in i["title"] for i in found)
+    assert card["base_model"] == "tiny-random" and card["rounds"] == 2 and card["kind"] == "federated"
+    assert card["adapter_sha256"] == hashlib.sha256((run_dir / "final" / "adapter.safetensors").read_bytes()).hexdigest()
+    assert card["dataset"]["items"] == TRAINED_ITEMS + NEW_ITEMS and card["prior_weight"] == 2.0
+    assert card["epsilon"]["per_party"]["client-1"]["epsilon"] == 2.5 and card["epsilon"]["max"] == 2.5
+    assert health == {"status": "ok", "items": TRAINED_ITEMS + NEW_ITEMS}
+    assert page.status_code == 200 and "/recommend" in page.text
+    assert {"/recommend", "/items", "/model", "/health"} <= set(docs["paths"])
+    assert "access-control-allow-origin" not in httpx.get(f"{url}/health", headers={"Origin": "http://x"}).headers
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+BAD = [
+    ({"history": ["no-such-item"]}, 422, "history[0]"),
+    ({"history": ["i1", 12345]}, 422, "history[1]"),
+    ({"history": ["Twin Peaks (1990)"]}, 422, "history[0]"),  # ambiguous
+    ({"history": [{"id": 1}]}, 422, "history[0]"),
+    ({"history": ["i1"], "k": 0}, 422, "k"),
+    ({"history": ["i1"], "k": 101}, 422, "k"),
+    ({"history": ["i1"], "k": "ten"}, 422, "k"),
+    ({}, 422, "history"),
+    ({"history": [], "text": "   "}, 422, "history"),
+    ({"history": ["i1"] * 201}, 422, "history"),
+    ({"history": ["i1"], "text": "x" * 2001}, 422, "text"),
+    ({"histroy": ["i1"]}, 422, "histroy"),
+    ([1, 2], 422, "body"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "field"), BAD)
+def test_bad_input_gets_a_4xx_naming_the_field(url: str, body: Any, status: int, field: str) -> None:
+    response = post(url, body)
+
+    assert response.status_code == status
+    assert response.json()["field"] == field and field in response.json()["detail"]
+
+
+def test_ambiguous_title_lists_the_candidates(url: str) -> None:
+    detail = post(url, {"history": ["Twin Peaks (1990)"]}).json()["detail"]
+
+    assert "ambiguous" in detail and "x1" in detail and "x2" in detail
+
+
+def test_malformed_json_and_bad_query_parameters(url: str) -> None:
+    broken = httpx.post(f"{url}/recommend", content=b'{"history": [', headers={"Content-Type": "application/json"})
+    limit = httpx.get(f"{url}/items", params={"limit": 0})
+
+    assert broken.status_code == 422 and broken.json()["field"] == "body"
+    assert limit.status_code == 422 and limit.json()["field"] == "limit"
+
+
+def test_body_too_large_is_413_with_or_without_content_length(url: str) -> None:
+    big = json.dumps({"history": ["i1"], "text": "x" * 70_000}).encode()
+
+    declared = httpx.post(f"{url}/recommend", content=big, headers={"Content-Type": "application/json"})
+    chunked = httpx.post(f"{url}/recommend", content=iter([big[:40_000], big[40_000:]]),
+                         headers={"Content-Type": "application/json"})
+    small_chunked = httpx.post(f"{url}/recommend", content=iter([b'{"history": ', b'["i1"], "k": 3}']),
+                               headers={"Content-Type": "application/json"})
+
+    assert declared.status_code == 413 and declared.json()["field"] == "body"
+    assert chunked.status_code == 413
+    assert small_chunked.status_code == 200 and len(small_chunked.json()["items"]) == 3
+
+
+# --- authentication and batching -------------------------------------------------------------
+
+
+def test_api_key_required_when_configured(service: RecommenderService) -> None:
+    with serving(create_app(service, HttpSettings(api_key=KEY))) as base:
+        missing = post(base, {"history": ["i1"]})
+        wrong = post(base, {"history": ["i1"]}, headers={"X-API-Key": "nope"})
+        right = post(base, {"history": ["i1"]}, headers={"X-API-Key": KEY})
+        items = httpx.get(f"{base}/items", params={"query": "movie"})
+        health = httpx.get(f"{base}/health")
+
+    assert missing.status_code == 401 and "X-API-Key" in missing.json()["detail"]
+    assert wrong.status_code == 401
+    assert right.status_code == 200
+    assert items.status_code == 401
+    assert health.status_code == 200
+
+
+def test_cors_only_when_configured(service: RecommenderService) -> None:
+    with serving(create_app(service, HttpSettings(cors_origins=("http://example.org",)))) as base:
+        allowed = httpx.get(f"{base}/health", headers={"Origin": "http://example.org"})
+
+    assert allowed.headers["access-control-allow-origin"] == "http://example.org"
+
+
+def test_concurrent_requests_are_batched_and_answered_as_alone(service: RecommenderService, monkeypatch) -> None:
+    sizes: list[int] = []
+    recommend = service.recommend
+
+    def spy(queries):  # records how many queries each pass through the model held
+        sizes.append(len(queries))
+        return recommend(queries)
+
+    monkeypatch.setattr(service, "recommend", spy)
+    monkeypatch.setattr(service, "encode_batch", 4)  # padded passes, prompts reordered by length
+    bodies = [{"history": [f"i{j}", f"i{(j * 7) % 30}"], "k": 4} for j in range(12)]
+    with serving(create_app(service, HttpSettings(batch_wait_ms=200))) as base:
+        alone = [post(base, b).json()["items"] for b in bodies]
+        sizes.clear()
+        results: list[Any] = [None] * len(bodies)
+
+        def fire(n: int) -> None:
+            results[n] = post(base, bodies[n]).json()["items"]
+
+        threads = [threading.Thread(target=fire, args=(n,)) for n in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    assert max(sizes) > 1 and sum(sizes) == len(bodies)
+    for got, ref in zip(results, alone):
+        assert [i["item_id"] for i in got] == [i["item_id"] for i in ref]
+        assert [i["score"] for i in got] == pytest.approx([i["score"] for i in ref], rel=1e-4, abs=1e-4)
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def test_recommend_command(run_dir: Path, capsys) -> None:
+    base = ["recommend", str(run_dir), "--cache-dir", str(run_dir.parent / "cache"), "--offline"]
+
+    code = main([*base, "--history", "Movie 1 (1981)", "--history", "i5", "--k", "3", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    bad = main([*base, "--history", "no-such-item"])
+    err = capsys.readouterr().err.strip().splitlines()
+
+    assert code == 0 and len(out["items"]) == 3 and not {"i1", "i5"} & {i["item_id"] for i in out["items"]}
+    assert bad == 2 and len(err) == 1 and "history[0]" in err[0]
+
+
+def test_not_a_run_directory_is_one_clean_line(tmp_path: Path, capsys) -> None:
+    code = main(["recommend", str(tmp_path), "--history", "i1", "--offline"])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "config.toml" in err[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_command_with_workers_and_key_file(run_dir: Path, tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    port = free_port()
+    cmd = [sys.executable, "-m", "fedrec.cli", "serve", str(run_dir), "--port", str(port), "--workers", "2",
+           "--api-key-file", str(key_file), "--cache-dir", str(run_dir.parent / "cache"), "--offline"]
+    log = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "fedrec serve did not start"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        answers = [post(url, {"history": ["i2", "i4"], "k": 3}, headers={"X-API-Key": KEY}) for _ in range(4)]
+        refused = post(url, {"history": ["i2"]})
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # uvicorn's supervisor and its two workers
+        proc.wait(timeout=30)
+
+    assert {r.status_code for r in answers} == {200}
+    assert len({json.dumps(r.json()) for r in answers}) == 1  # every worker serves the same model
+    assert refused.status_code == 401
+
+
+@pytest.mark.slow
+def test_serves_a_real_federated_simulation(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    settings = ['model.name="tiny-random"', "data.max_users=0", "lora.rank=2", "lora.last_layers=1",
+                "train.batch_size=8", "train.negatives=3", "model.max_history_tokens=120",
+                "model.max_item_tokens=40", "fed.clients=2", "fed.rounds=1", "fed.local_epochs=0.5"]
+    args = ["simulate", "--data", str(tiny_data), "--output", str(out), "--cache-dir", str(cache), "--offline"]
+    assert main([*args, *(x for s in settings for x in ("--set", s))]) == 0
+    capsys.readouterr()
+
+    service = load_service(out, ServeSettings(), cache_dir=cache, offline=True)
+    with serving(create_app(service, HttpSettings())) as base:
+        items = post(base, {"history": ["i1", "i7"], "k": 5}).json()["items"]
+        card = httpx.get(f"{base}/model").json()
+
+    final = json.loads((out / "final" / "metrics.json").read_text())
+    assert len(items) == 5 and not {"i1", "i7"} & {i["item_id"] for i in items}
+    assert card["kind"] == "federated" and card["rounds"] == 1
+    assert card["prior_weight"] == final["prior_weight"]
+    for client, summary in card["epsilon"]["per_party"].items():
+        lines = [json.loads(x) for x in (out / "ledgers" / f"{client}.jsonl").read_text().splitlines()]
+        assert summary["epsilon"] == lines[-1]["epsilon"] and summary["releases"] == len(lines)
+    assert set(card["epsilon"]["per_party"]) == {"client-0", "client-1"}

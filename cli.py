@@ -219,6 +219,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         f"  coordinator: {args.dir / 'coordinator'} (superlink.sh, register-supernodes.sh, run.sh)\n"
         + "".join(f"  {n}: {args.dir / 'institutions' / n} (send this folder to {n})\n"
                   for n in dep.institutions))
+    return 0
+
+
 def _serve_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from fedrec.server.service import ServeSettings
 

@@ -150,7 +150,7 @@ class Federation:
     def own_ledger(self, name: str) -> list[dict[str, Any]]:
         path = self.site(name) / "state" / "ledger.jsonl"
         lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-        return [{k: v for k, v in e.items() if k != "users"} for e in lines]
+        return lines  # the coordinator keeps each chained line verbatim (client/state.py)
 
 
 def kill_tree(pid: int) -> None:

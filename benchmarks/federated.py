@@ -82,6 +82,8 @@ class PeakMemory:
 def save_rows(rows: list[dict[str, Any]], key: str, meta: dict[str, Any]) -> None:
     doc = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     doc.update({k: v for k, v in meta.items() if k not in doc or k == "machine"})
+    # settings differ between invocations: each row keeps the overrides and scale it ran with
+    rows = [{**r, "overrides": meta["overrides"], "scale": meta["scale"]} for r in rows]
     kept = [r for r in doc.get(key, []) if r["method"] not in {x["method"] for x in rows}]
     doc[key] = kept + rows
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -338,7 +338,7 @@ def _verified_record(path: Path, sha256: str, recorded: Any) -> dict[str, Any] |
     record = _record(path, sha256)
     if record == recorded:
         return record
-    got = _sha256_file(path)
+    got = sha256_file(path)
     if got != sha256:
         log.warning("cached %s is corrupt (sha256 %s, expected %s)", path, got, sha256)
         return f"cached {path} is corrupt (checksum mismatch: expected sha256 {sha256}, got {got})"
@@ -429,7 +429,7 @@ def _extract(archive: Path, staging: Path, source: Source) -> dict[str, dict[str
         raise AssetError(f"not a zip archive ({exc})") from None
     _flatten_single_folder(staging)
     files = sorted(p for p in staging.rglob("*") if p.is_file())
-    return {p.relative_to(staging).as_posix(): _record(p, _sha256_file(p)) for p in files}
+    return {p.relative_to(staging).as_posix(): _record(p, sha256_file(p)) for p in files}
 
 
 def _extract_member(zf: zipfile.ZipFile, member: Member, staging: Path) -> dict[str, Any]:
@@ -458,7 +458,8 @@ def _flatten_single_folder(staging: Path) -> None:
         inner.rmdir()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while chunk := fh.read(CHUNK):

@@ -8,19 +8,18 @@ live in common/audit.py; the report is written by simulations/audit_report.py.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
-import platform
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from fedrec.common import audit
+from fedrec.common.assets import sha256_file
 from fedrec.common.audit import FAIL, INFO, PASS, WARN, Check, ClientAudit, RunContext, Tolerance
 from fedrec.common.errors import DataError
+from fedrec.common.rundir import package_versions
 
 VERSIONED = ("fedrec", "opacus", "dp-accounting", "numpy", "scipy", "torch", "flwr", "safetensors")
 
@@ -90,11 +89,11 @@ def run_audit(paths: Sequence[Path], *, tol: Tolerance | None = None) -> AuditRe
     checksums: dict[str, str] = {}
     for t in targets:
         checksums |= _checksums(t)
-    return AuditReport(_now(), targets, tol, package_versions(), checksums)
+    return AuditReport(_now(), targets, tol, package_versions(VERSIONED), checksums)
 
 
 def empty_report(tol: Tolerance | None = None) -> AuditReport:
-    return AuditReport(_now(), [], tol or Tolerance(), package_versions(), {})
+    return AuditReport(_now(), [], tol or Tolerance(), package_versions(VERSIONED), {})
 
 
 def _now() -> str:
@@ -278,24 +277,6 @@ def assumptions(record: RunRecord | None, clients: Sequence[ClientAudit]) -> lis
 
 
 # --- provenance ------------------------------------------------------------------------------
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _checksums(target: Target) -> dict[str, str]:

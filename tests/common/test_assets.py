@@ -192,7 +192,7 @@ def test_unchanged_cache_hit_is_not_rehashed(www: Path, tmp_path: Path, monkeypa
         hashed.append(path)
         return ""
 
-    monkeypatch.setattr(assets, "_sha256_file", spy)
+    monkeypatch.setattr(assets, "sha256_file", spy)
 
     fetch_dataset("toy", cache_dir=cache, offline=True)
 

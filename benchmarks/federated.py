@@ -2,6 +2,7 @@
 
     python benchmarks/federated.py [--parts privacy,local,scale,noise] [--eps 8,4,1]
                                    [--variants lora,ffa] [--set key=value ...] [--label TEXT]
+                                   [--scale-clients 10,100] [--scale-users 400]
 
 Parts (each writes its rows into results/federated.json as soon as it finishes, replacing rows
 of the same method, so a long sweep can be stopped and resumed):
@@ -11,8 +12,9 @@ of the same method, so a long sweep can be stopped and resumed):
 - local:   local-only training, each institution alone under the same ε (the same client code,
   no aggregation; each client ranks with its own adapter and its own noisy counts) ->
   `local-dp-lora-eps<ε>`; metrics averaged over the clients' test users.
-- scale:   one round with 10 and with 100 simulated clients; peak resident memory of the whole
-  process tree (driver, Ray and its workers), sampled every 0.2 s -> `scale` rows.
+- scale:   one round with 10 and with 100 simulated clients (400 users in all, prior off, half a
+  local epoch); peak resident memory of the whole process tree (driver, Ray and its workers),
+  sampled every 0.2 s -> `scale_rows`.
 - plot:    results/federated.html, NDCG@10 against ε per method (also written after every run).
 - noise:   the noise-to-signal arithmetic of user-level DP-SGD for federated plans (no training):
   σ calibrated for the plan, and the std of the noise on the averaged clipped update relative
@@ -172,16 +174,16 @@ def run_local(overrides: list[str], eps: float, sources: Sources, tmp: Path) -> 
             base_row(cfg, f"local-dp-lora-eps{eps:g}-llm-only", alone, **extra)]
 
 
-def run_scale(overrides: list[str], clients: int, sources: Sources, tmp: Path) -> dict[str, Any]:
+def run_scale(overrides: list[str], clients: int, users: int, sources: Sources, tmp: Path) -> dict[str, Any]:
     cfg = load_config(None, [*overrides, f"fed.clients={clients}", "fed.rounds=1", "fed.local_epochs=0.5",
-                             "data.max_users=400", "prior.enabled=false", "privacy.target_epsilon=8"])
+                             f"data.max_users={users}", "prior.enabled=false", "privacy.target_epsilon=8"])
     out = tmp / f"scale-{clients}"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         simulate(cfg, out, sources)
     rounds = read_jsonl(out / "rounds.jsonl")
-    return {"method": f"scale-{clients}-clients", "clients": clients, "users": 400,
+    return {"method": f"scale-{clients}-clients", "clients": clients, "users": users,
             "peak_rss_mib": round(mem.peak / 2**20, 1), "wall_seconds": round(time.perf_counter() - t0, 1),
             "round_seconds": rounds[0]["seconds"],
             "bytes_up_per_client_round": rounds[0]["bytes_up_per_client"]}
@@ -246,6 +248,8 @@ def main() -> None:
     parser.add_argument("--variants", default="lora,ffa")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--label", default="reduced CPU scale (defaults)")
+    parser.add_argument("--scale-clients", default="10,100", help="client counts of the scale part")
+    parser.add_argument("--scale-users", type=int, default=400, help="users in all, for the scale part")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("flwr").propagate = False
@@ -270,7 +274,8 @@ def main() -> None:
             for variant in variants[1:]:
                 save_rows(run_privacy(args.overrides, eps, variant, sources, tmp), "rows", meta)
         if "scale" in parts and i == 0:  # after the headline rows, before the rest of the sweep
-            save_rows([run_scale(args.overrides, n, sources, tmp) for n in (10, 100)], "scale", meta)
+            for n in (int(c) for c in args.scale_clients.split(",")):  # each row saved when done
+                save_rows([run_scale(args.overrides, n, args.scale_users, sources, tmp)], "scale_rows", meta)
     write_plot()
     print(RESULTS.read_text())
 

@@ -37,8 +37,7 @@ from fedrec.common.data import leave_one_out, load_dataset
 from fedrec.common.evaluation import popularity_counts
 from fedrec.common.lora import save_adapter
 from fedrec.common.model import build_recommender
-from fedrec.common.rundir import RunDir
-from safetensors.torch import save_file
+from fedrec.common.rundir import RunDir, save_prior_counts
 
 CONCURRENCY = (1, 8, 32)
 
@@ -54,8 +53,7 @@ def make_run_dir(out: Path, cache: Path, device: str) -> tuple[Path, list[str]]:
     save_adapter(out / "final" / "adapter.safetensors", loaded.initial_adapter,
                  {"run_id": "serve-bench", "rounds": "0", "variant": cfg.lora.variant})
     counts = popularity_counts(dataset, leave_one_out(dataset))
-    save_file({"counts": torch.from_numpy(counts.astype(np.float32))},
-              str(out / "final" / "prior_counts.safetensors"))
+    save_prior_counts(out / "final", counts)
     run.write_json("final/metrics.json", {"prior_weight": 1.0, "rounds": 0})
     return out, list(dataset.item_ids)
 

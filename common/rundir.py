@@ -10,9 +10,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tomli_w
 from fedrec.common.config import Config, to_dict
+from safetensors.numpy import load_file, save_file
 
+PRIOR_COUNTS = "prior_counts.safetensors"  # the noisy item counts of the prior release, float32
 PACKAGES = ("fedrec", "torch", "transformers", "peft", "opacus", "flwr", "numpy", "safetensors")
 
 
@@ -25,6 +28,17 @@ def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def save_prior_counts(directory: Path, counts: np.ndarray) -> None:
+    """Write the prior's noisy item counts as `directory/prior_counts.safetensors`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({"counts": np.ascontiguousarray(counts, dtype=np.float32)}, str(directory / PRIOR_COUNTS))
+
+
+def load_prior_counts(path: Path) -> np.ndarray:
+    """The counts written by `save_prior_counts` (a file path), as float64."""
+    return load_file(str(path))["counts"].astype(np.float64)
 
 
 class RunDir:

@@ -32,7 +32,7 @@ from fedrec.common.errors import AdapterError, ConfigError
 from fedrec.common.evaluation import PRIOR_WEIGHTS
 from fedrec.common.lora import save_adapter, tensors_digest, validate_adapter
 from fedrec.common.model import build_recommender
-from fedrec.common.rundir import RunDir
+from fedrec.common.rundir import PRIOR_COUNTS, RunDir, load_prior_counts, save_prior_counts
 from fedrec.server.secagg import secagg_round
 from fedrec.server.strategy import (
     aggregate,
@@ -290,8 +290,7 @@ def _finish(
     save_adapter(run.root / "final" / "adapter.safetensors", full,
                  {"run_id": state.run_id, "rounds": str(state.round), "variant": cfg.lora.variant})
     if state.counts is not None:
-        save_file({"counts": torch.from_numpy(state.counts.astype(np.float32))},
-                  str(run.root / "final" / "prior_counts.safetensors"))
+        save_prior_counts(run.root / "final", state.counts)
     run.write_json("final/metrics.json", final)
     return final
 
@@ -423,8 +422,8 @@ def _latest_round(ckpt: Path) -> int | None:
 def _read_state(path: Path, run_id: str) -> ServerState:
     doc = json.loads((path / "server.json").read_text())
     counts = None
-    if (path / "prior_counts.safetensors").is_file():
-        counts = load_file(str(path / "prior_counts.safetensors"))["counts"].numpy().astype(np.float64)
+    if (path / PRIOR_COUNTS).is_file():
+        counts = load_prior_counts(path / PRIOR_COUNTS)
     return ServerState(run_id=run_id, round=doc["round"], history=doc["history"], ledgers=doc["ledgers"],
                        counts=counts)
 
@@ -440,8 +439,7 @@ def _checkpoint(root: Path, state: ServerState, current: Mapping[str, torch.Tens
     save_file({k: v.contiguous() for k, v in strategy_tensors.items()} or {"none": torch.zeros(1)},
               str(tmp / "strategy.safetensors"))
     if state.counts is not None:
-        save_file({"counts": torch.from_numpy(state.counts.astype(np.float32))},
-                  str(tmp / "prior_counts.safetensors"))
+        save_prior_counts(tmp, state.counts)
     doc = {"round": state.round, "run_id": state.run_id, "history": state.history, "ledgers": state.ledgers}
     (tmp / "server.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
     shutil.rmtree(final, ignore_errors=True)
@@ -462,9 +460,7 @@ def _write_records(run: RunDir, state: ServerState) -> None:
         run.write_text(f"ledgers/{client}.jsonl", text)
     if state.round == 0 and state.counts is not None:  # the prior release survives a crash in round 1
         ckpt = run.root / "checkpoints" / "round-0"
-        ckpt.mkdir(parents=True, exist_ok=True)
-        save_file({"counts": torch.from_numpy(state.counts.astype(np.float32))},
-                  str(ckpt / "prior_counts.safetensors"))
+        save_prior_counts(ckpt, state.counts)
         doc = {"round": 0, "run_id": state.run_id, "history": [], "ledgers": state.ledgers}
         (ckpt / "server.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
 

@@ -26,9 +26,8 @@ from fedrec.common.errors import ConfigError, DataError, RequestError
 from fedrec.common.evaluation import prior_scores
 from fedrec.common.lora import adapter_state, load_adapter, read_adapter, tensors_digest
 from fedrec.common.model import Loaded, Recommender, build_recommender, item_vectors_cached
-from fedrec.common.rundir import read_jsonl
+from fedrec.common.rundir import PRIOR_COUNTS, load_prior_counts, read_jsonl
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ def locate_run(root: Path, method: str | None = None) -> RunArtifacts:
         raise ConfigError(f"--method {method}: {final / 'adapter.safetensors'} does not exist")
     metrics_path = final / "metrics.json"
     metrics = _read_json(metrics_path) if metrics_path.is_file() else {}
-    counts = final / "prior_counts.safetensors"
+    counts = final / PRIOR_COUNTS
     ledgers = sorted((root / "ledgers").glob("*.jsonl")) if method is None \
         else [p for p in [root / "ledgers" / f"{method}.jsonl"] if p.is_file()]
     return RunArtifacts(root, config, provenance, method, final / "adapter.safetensors",
@@ -346,7 +345,7 @@ def _prior(run: RunArtifacts, num_items: int) -> tuple[np.ndarray | None, float 
         log.warning("%s chose prior weight β=%s but holds no prior_counts.safetensors; serving the "
                     "LLM score alone", run.root, beta)
         return None, None
-    counts = load_file(str(run.counts))["counts"].numpy().astype(np.float64)
+    counts = load_prior_counts(run.counts)
     if len(counts) > num_items:
         raise DataError(f"{run.counts} has counts for {len(counts)} items but the catalogue has "
                         f"{num_items}; items may be added at the end of the item file, not removed")

@@ -42,8 +42,7 @@ from fedrec.common.privacy import (
     prior_noise,
     private_counts,
 )
-from fedrec.common.rundir import RunDir
-from safetensors.torch import save_file
+from fedrec.common.rundir import RunDir, save_prior_counts
 
 log = logging.getLogger(__name__)
 
@@ -297,8 +296,7 @@ def _fused_rows(
     ctx.run.write_json(f"{method}/final/metrics.json",
                        {"test": fused, "test_llm_only": alone, "prior_weight": beta})
     # the counts the fused score used, so that `fedrec serve` ranks as this evaluation did
-    save_file({"counts": torch.from_numpy(counts.astype(np.float32))},
-              str(ctx.run.root / method / "final" / "prior_counts.safetensors"))
+    save_prior_counts(ctx.run.root / method / "final", counts)
     return [
         _row(ctx, method, fused, epsilon=epsilon, seconds=seconds) | {"prior_weight": beta},
         _row(ctx, f"{method}-llm-only", alone, epsilon=epsilon, seconds=seconds),

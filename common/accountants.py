@@ -24,7 +24,6 @@ ALL = (OPACUS_RDP, OPACUS_PRV, DPACC_RDP, DPACC_PLD)
 INDEPENDENT = (DPACC_RDP, DPACC_PLD)
 # the independent accountant of the same family as the one a client trained with
 SAME_FAMILY = {"rdp": DPACC_RDP, "prv": DPACC_PLD}
-TRAINING = {"rdp": OPACUS_RDP, "prv": OPACUS_PRV}
 
 
 def _event(step: MechanismStep) -> dp_accounting.DpEvent:

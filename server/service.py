@@ -8,7 +8,6 @@ most recent `data.max_history` items (and the user's own words, if given), score
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import re
 import tomllib
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fedrec.common.assets import resolve_dataset
+from fedrec.common.assets import resolve_dataset, sha256_file
 from fedrec.common.config import Config, from_dict
 from fedrec.common.data import Dataset, load_dataset
 from fedrec.common.errors import ConfigError, DataError, RequestError
@@ -367,7 +366,7 @@ def _model_info(
         "run_dir": str(run.root), "kind": "federated" if run.method is None else "central",
         "method": run.method, "base_model": cfg.model.name, "base_source": loaded.base.source,
         "base_sha256": loaded.base.fingerprint,
-        "adapter_sha256": hashlib.sha256(run.adapter.read_bytes()).hexdigest(),
+        "adapter_sha256": sha256_file(run.adapter),
         "adapter_metadata": metadata, "lora_merged": merged,
         "rounds": run.metrics.get("rounds", _int_or_none(metadata.get("rounds"))),
         "dataset": {"name": dataset.name, "source": cfg.data.dataset, "items": len(dataset.item_ids)},

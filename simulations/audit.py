@@ -141,10 +141,11 @@ def _audit_run(root: Path, tol: Tolerance) -> Target:
                                        f"ledgers/{client}.jsonl is missing"))
             continue
         ctx = _context(client, rounds, record, own.get(client))
+        # the server's copy holds this run only: a client that took part in earlier runs starts mid-chain
         ca = audit.audit_ledger(client, read_ledger(ledgers[client]), source=str(ledgers[client]),
-                                context=ctx, tol=tol)
-        if client in own:
-            ca.checks.append(check_replies(own[client].parent, read_ledger(own[client])))
+                                context=ctx, tol=tol, mid_chain=True)
+        if client in own and ctx.own_copy is not None:
+            ca.checks.append(check_replies(own[client].parent, ctx.own_copy))
         target.clients.append(ca)
     target.checks.append(Check("run record", PASS if rounds else WARN,
                                f"{len(rounds)} rounds in rounds.jsonl, {len(ledgers)} client ledgers"))
@@ -154,10 +155,9 @@ def _audit_run(root: Path, tol: Tolerance) -> Target:
 
 def _context(client: str, rounds: Sequence[Mapping[str, Any]], record: RunRecord,
              own_path: Path | None) -> RunContext:
-    trained = tuple(int(r["round"]) for r in rounds
-                    if client in r.get("epsilon", {}) and client not in r.get("clients_refused", []))
     eps = {int(r["round"]): float(r["epsilon"][client]) for r in rounds
            if client in r.get("epsilon", {}) and client not in r.get("clients_refused", [])}
+    trained = tuple(eps)
     return RunContext(
         trained_rounds=trained if record.dp else (), round_epsilon=eps,
         prior_released=record.prior, dp=record.dp,

@@ -155,9 +155,9 @@ def audit_run(cfg: Config, sources: Sources, *, canaries: int, private: bool, ki
     q = min(1.0, cfg.train.batch_size / users)
     steps = steps_for_epochs(cfg.fed.local_epochs, q) * cfg.fed.rounds
     sigma = calibrate_noise(target_epsilon=cfg.privacy.target_epsilon, delta=delta, sample_rate=q,
-                            steps=steps) if private else 0.0
+                            steps=steps, accountant=cfg.privacy.accountant) if private else 0.0
     loaded = build_recommender(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
-    accountant = PrivacyAccountant()
+    accountant = PrivacyAccountant(accountant=cfg.privacy.accountant)
     trainer = CanaryTrainer(
         loaded.rec, plan=plan, kind=kind, clip_norm=cfg.privacy.clip_norm, seed=seed,
         item_titles=dataset.item_titles, item_texts=dataset.item_texts, sequences=sequences,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fedrec.common import chain
 from fedrec.common.audit import FAIL, PASS, WARN, RunContext, audit_ledger
 from fedrec.common.privacy import MechanismStep, epsilon
@@ -47,7 +48,8 @@ def test_true_ledger_passes_every_check() -> None:
 
     assert audit.passed, audit.checks
     assert set(statuses(audit).values()) == {PASS}
-    assert audit.budget == 8.0 and audit.users == 32 and audit.remaining == 8.0 - audit.spent
+    assert audit.budget == 8.0 and audit.users == 32 and audit.spent == ledger[-1]["epsilon"]
+    assert audit.remaining == pytest.approx(8.0 - ledger[-1]["epsilon"])
     assert len(audit.rederived["dp-accounting-pld"]) == 4
     assert audit.agreement() < 0.01
 

@@ -28,6 +28,7 @@ from fedrec.common.evaluation import llm_scores, prior_scores
 from fedrec.common.lora import load_adapter, save_adapter
 from fedrec.common.model import build_recommender
 from fedrec.common.rundir import RunDir
+from fedrec.server.loopback import free_port
 from fedrec.server.serve import HttpSettings, create_app
 from fedrec.server.service import RecommenderService, ServeSettings, load_service, locate_run
 from safetensors.torch import save_file
@@ -353,12 +354,6 @@ def test_not_a_run_directory_is_one_clean_line(tmp_path: Path, capsys) -> None:
 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "config.toml" in err[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_serve_command_with_workers_and_key_file(run_dir: Path, tmp_path: Path) -> None:

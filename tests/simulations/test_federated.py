@@ -110,6 +110,7 @@ def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch, cap
             assert set(m["configs"]["ledger"]) == LEDGER_KEYS
     trained = [m for m in seen if m["round"] >= 1 and m["arrays"]]
     assert len(trained) == 4 and all(set(m["arrays"]["arrays"]) == lora_keys for m in trained)
+    assert all("ledger" in m["configs"] for m in trained)  # every release carries its ledger line
 
     # the client over budget refused both rounds; the others trained; the run completed
     rounds = read_jsonl(out / "rounds.jsonl")

@@ -271,7 +271,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         return 0
     width = max(len(i.item_id) for i in items) if items else 0
     for rank, item in enumerate(items, start=1):
-        sys.stdout.write(f"{rank:>3}  {item.item_id:<{width}}  {item.score:8.3f}  {item.title}\n")
+        because = "; ".join(r.title for r in item.because)
+        sys.stdout.write(f"{rank:>3}  {item.item_id:<{width}}  {item.score:8.3f}  {item.title}"
+                         + (f"  (because you liked {because})" if because else "") + "\n")
     return 0
 
 

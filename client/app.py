@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from fedrec.client.local import (
     ClientJob,
@@ -34,8 +33,9 @@ from fedrec.client.secagg import secagg_mod
 from fedrec.common.assets import default_cache_dir, default_offline
 from fedrec.common.config import Config, from_run_config, to_dict
 from fedrec.common.data import leave_one_out, load_dataset
-from fedrec.common.errors import ConfigError
-from fedrec.common.model import build_recommender
+from fedrec.common.errors import ConfigError, DataError
+from fedrec.common.prior import CollaborativePrior
+from fedrec.common.recommender import build_recommender
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -59,7 +59,7 @@ def make_client_app(settings: SettingsFn | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         job = _job(*settings(context), context)
         req = _request(msg.content["config"])
-        outcome = job.train(_tensors(msg), req)
+        outcome = job.train(_tensors(msg), req, prior=_prior(msg, job))
         return _reply(msg, outcome, job.local.name)
 
     @app.query("prior")
@@ -68,15 +68,20 @@ def make_client_app(settings: SettingsFn | None = None) -> ClientApp:
         outcome = job.prior_counts(_request(msg.content["config"]))
         return _reply(msg, outcome, job.local.name)
 
+    @app.query("cooccurrence")
+    def cooccurrence(msg: Message, context: Context) -> Message:
+        job = _job(*settings(context), context)
+        head = msg.content["head"]["head"].numpy()  # type: ignore[index]
+        outcome = job.cooccurrence(_request(msg.content["config"]), head)
+        return _reply(msg, outcome, job.local.name)
+
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         job = _job(*settings(context), context)
         config = msg.content["config"]
-        counts = msg.content.array_records.get("prior")
         outcome = job.evaluate(
-            _tensors(msg), which=str(config["split"]),
-            counts=None if counts is None else counts["counts"].numpy().astype(np.float64),
-            betas=[float(b) for b in config.get("betas", [])],  # type: ignore[union-attr]
+            _tensors(msg), which=str(config["split"]), prior=_prior(msg, job),
+            weights=[float(b) for b in config.get("weights", [])],  # type: ignore[union-attr]
         )
         return _reply(msg, outcome, job.local.name)
 
@@ -110,7 +115,7 @@ def _job(cfg: Config, local: LocalSettings, context: Context) -> ClientJob:
     key = (id(cfg), local, context.node_config.get("partition-id"), context.node_config.get("data"))
     job = _JOBS.get(key)
     if job is None:
-        model_key = ("model", to_key(cfg.model), to_key(cfg.lora), cfg.train.seed, cfg.train.temperature)
+        model_key = ("model", to_key(cfg.model), to_key(cfg.lora), cfg.train.seed)
         loaded = _shared(model_key, lambda: build_recommender(cfg, cache_dir=local.cache_dir,
                                                               offline=local.offline))
         dataset, split = _client_data(cfg, local, context)
@@ -160,6 +165,18 @@ def _request(config: Mapping[str, Any]) -> RoundRequest:
         num_rounds=int(config["num-rounds"]), local_epochs=float(config["local-epochs"]),
         lr=float(config["lr"]), proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
+
+
+def _prior(msg: Message, job: ClientJob) -> CollaborativePrior | None:
+    """The global prior a message carries, validated (shape, finite, item indices), or None."""
+    record = msg.content.array_records.get("prior")
+    if record is None:
+        return None
+    tensors = {k: v.numpy() for k, v in record.to_torch_state_dict().items()}
+    prior = CollaborativePrior.from_tensors(tensors, source="the server's prior")
+    if prior.num_items != len(job.dataset.item_ids):
+        raise DataError(f"the server's prior has {prior.num_items} items, this catalogue {len(job.dataset.item_ids)}")
+    return prior
 
 
 def _tensors(msg: Message) -> dict[str, torch.Tensor]:

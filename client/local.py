@@ -1,16 +1,16 @@
 """One client's side of federated training, free of Flower: data, budget, DP rounds, evaluation.
 
 The client decides its own privacy: its ε budget and δ come from `LocalSettings` (its node
-config or local files), never from the server. Every release — the noisy popularity counts and
-each round's adapter update — is checked against that budget first, refused if it would exceed
-it, and recorded durably (client/state.py) before the reply leaves.
+config or local files), never from the server. Every release — the noisy popularity counts, the
+noisy co-occurrence over the head items, and each round's adapter update — is checked against
+that budget first, refused if it would exceed it, and recorded durably (client/state.py) before
+the reply leaves.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 from fedrec.client.state import ClientState
-from fedrec.client.train import DPSettings, LocalTrainer, steps_for_epochs
+from fedrec.client.train import (
+    DPSettings,
+    LocalTrainer,
+    entropy_seed,
+    objective,
+    residual_cf,
+    steps_for_epochs,
+)
 from fedrec.common.assets import resolve_dataset
 from fedrec.common.config import Config
 from fedrec.common.data import (
@@ -32,22 +39,38 @@ from fedrec.common.data import (
     sample_users,
 )
 from fedrec.common.errors import ConfigError, PrivacyError
-from fedrec.common.evaluation import EvalUsers, eval_users, evaluate, llm_scores, prior_scores
-from fedrec.common.lora import adapter_spec, adapter_state, load_adapter, tensors_digest
-from fedrec.common.model import Loaded, build_recommender, item_vectors_cached
+from fedrec.common.evaluation import (
+    CFSettings,
+    catalogue_vectors,
+    cf_scores,
+    eval_users,
+    evaluate_blends,
+    llm_scores,
+)
+from fedrec.common.lora import adapter_spec, adapter_state, load_adapter
+from fedrec.common.prior import (
+    MECHANISM_COOCCURRENCE,
+    MECHANISM_POPULARITY,
+    CollaborativePrior,
+    ReleasePlan,
+    noisy_cooccurrence,
+    noisy_popularity,
+    plan_releases,
+    user_items,
+)
 from fedrec.common.privacy import (
     MechanismStep,
     calibrate_noise,
     check_delta,
     default_delta,
     epsilon,
-    prior_noise,
-    private_counts,
 )
+from fedrec.common.recommender import Catalogue, Loaded, build_recommender, catalogue_cached
 
 log = logging.getLogger(__name__)
 
 STATUS_OK, STATUS_OVER_BUDGET, STATUS_NO_DATA = "ok", "over-budget", "no-data"
+STATUS_BAD_REQUEST = "bad-request"
 
 
 @dataclass(frozen=True)
@@ -117,8 +140,10 @@ class ClientJob:
         n = max(1, len(self.users))
         self.delta = local.delta if local.delta is not None else default_delta(n)
         check_delta(self.delta, n)
-        self.sample_rate = min(1.0, cfg.train.batch_size / n)
+        # q is public (the run's setting), never derived from the private number of users
+        self.sample_rate = cfg.train.sample_rate
         self._loaded = loaded  # may be shared by the simulated clients of one process
+        self._catalogue: Catalogue | None = None
 
     # -- model --
 
@@ -129,31 +154,47 @@ class ClientJob:
                                              offline=self.local.offline)
         return self._loaded
 
+    @property
+    def catalogue(self) -> Catalogue:
+        """The frozen computation of the public catalogue (cached on disk, shared by clients)."""
+        if self._catalogue is None:
+            self._catalogue = catalogue_cached(
+                self.loaded.encoder, self.dataset.item_texts, cache_dir=self.local.cache_dir,
+                model_fingerprint=self.loaded.base.fingerprint, batch_size=self.cfg.eval.batch_size,
+            )
+        return self._catalogue
+
     def state(self) -> ClientState:
         """Re-read from disk on every request: the file, not memory, is the record."""
         return ClientState(self.local.state_dir, accountant=self.cfg.privacy.accountant)
 
     def _load_global(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Validate and load the received adapter: all LoRA tensors, or only B under FFA-LoRA."""
-        model = self.loaded.rec.model
+        model = self.loaded.model
         variant = self.cfg.lora.variant
         if variant == "ffa":  # A is frozen at its seeded init and never travels
-            load_adapter(model, self.loaded.initial_adapter, source="initial adapter")  # type: ignore[arg-type]
-        load_adapter(model, tensors, variant=variant, source="server")  # type: ignore[arg-type]
+            load_adapter(model, self.loaded.initial_adapter, source="initial adapter")
+        load_adapter(model, tensors, variant=variant, source="server")
 
     # -- plan --
 
     def steps_per_round(self, local_epochs: float) -> int:
         return steps_for_epochs(local_epochs, self.sample_rate)
 
-    def prior_sigma(self) -> float:
-        """σ of this client's counts release: its share of this client's own budget."""
+    def prior_plan(self) -> ReleasePlan:
+        """σ of this client's popularity and co-occurrence releases: their share of its own budget."""
         p = self.cfg.prior
-        return prior_noise(target_epsilon=self.local.epsilon_budget, delta=self.delta, share=p.budget_share,
-                           fixed=p.noise_multiplier, accountant=self.cfg.privacy.accountant)
+        return plan_releases(epsilon=self.local.epsilon_budget, delta=self.delta, share=p.budget_share,
+                             popularity_share=p.popularity_share, cooccurrence=p.cooccurrence,
+                             accountant=self.cfg.privacy.accountant, fixed_sigma=p.noise_multiplier)
 
-    def _planned_prior(self) -> list[MechanismStep]:
-        return [MechanismStep(self.prior_sigma(), 1.0, 1)] if self.cfg.prior.enabled else []
+    def _planned_prior(self, state: ClientState) -> list[MechanismStep]:
+        """The prior releases this client has not made yet."""
+        if not self.cfg.prior.enabled:
+            return []
+        done = {e["mechanism"] for e in state.ledger}
+        names = (MECHANISM_POPULARITY, MECHANISM_COOCCURRENCE)
+        return [s for s, m in zip(self.prior_plan().steps, names, strict=False) if m not in done]
 
     def noise_multiplier(self, state: ClientState, req: RoundRequest) -> float:
         """σ of DP-SGD: fixed in the config, or calibrated once so the announced plan (prior
@@ -162,8 +203,7 @@ class ClientJob:
             return state.noise_multiplier
         if self.cfg.privacy.noise_multiplier is not None:
             return self.cfg.privacy.noise_multiplier
-        released_prior = any(e["mechanism"] == "prior-counts" for e in state.ledger)
-        prior = list(state.accountant.history) + ([] if released_prior else self._planned_prior())
+        prior = list(state.accountant.history) + self._planned_prior(state)
         remaining_rounds = req.num_rounds - req.round + 1
         return calibrate_noise(
             target_epsilon=self.local.epsilon_budget, delta=self.delta, sample_rate=self.sample_rate,
@@ -214,23 +254,56 @@ class ClientJob:
         if (replayed := self._replay(state, req, "prior")) is not None:
             return replayed
         p = self.cfg.prior
-        sigma = self.prior_sigma()
+        sigma = self.prior_plan().popularity_sigma
         step = MechanismStep(sigma, 1.0, 1)
         if (refused := self._refusal(state, [step], "the popularity release")) is not None:
             return refused
-        contributions = [np.unique(np.asarray(self.split.train[u], dtype=np.int64)) for u in self.users]
-        rng = np.random.default_rng(_seed(self.cfg.train.seed, self.local.name, req.round, "prior"))
-        counts = private_counts(contributions, num_items=len(self.dataset.item_ids), clip_norm=p.clip_norm,
-                                noise_multiplier=sigma, rng=rng)
-        state.accountant.step(noise_multiplier=sigma, sample_rate=1.0, steps=1)
-        entry = self._ledger_entry(state, req.round, "prior-counts", step, p.clip_norm)
-        metrics = self._base_metrics(state) | _ledger_metrics(entry)
+        counts = noisy_popularity(self._contributions(), num_items=len(self.dataset.item_ids),
+                                  clip=p.clip_norm, noise_multiplier=sigma, rng=np.random.default_rng(entropy_seed()))
         tensors = {"counts": torch.from_numpy(counts.astype(np.float32))}
-        chained = state.commit(run_id=req.run_id, kind="prior", rnd=req.round, ledger_entry=entry,
+        return self._release(state, req, "prior", MECHANISM_POPULARITY, step, p.clip_norm, tensors)
+
+    def cooccurrence(self, req: RoundRequest, head: np.ndarray) -> Outcome:
+        """This client's co-occurrence over the server's head items, per-user bounded, noised.
+
+        Any head keeps the bound (each user's outer product has Frobenius norm ≤ clip), so the
+        server's choice needs no trust; it is only checked to be valid item indices."""
+        state = self.state()
+        if (replayed := self._replay(state, req, "cooccurrence")) is not None:
+            return replayed
+        p = self.cfg.prior
+        num_items = len(self.dataset.item_ids)
+        head = np.asarray(head, dtype=np.int64)
+        if head.ndim != 1 or not 0 < head.size <= min(num_items, 4 * p.head_size) or head.min() < 0 \
+                or head.max() >= num_items or np.any(np.diff(head) <= 0):
+            return Outcome(STATUS_BAD_REQUEST, self._base_metrics(state),
+                           reason=f"{self.local.name}: the head must be 1..{4 * p.head_size} sorted item indices")
+        sigma = self.prior_plan().cooccurrence_sigma
+        if sigma is None:
+            return Outcome(STATUS_BAD_REQUEST, self._base_metrics(state),
+                           reason=f"{self.local.name}: co-occurrence releases are off here (prior.cooccurrence)")
+        step = MechanismStep(sigma, 1.0, 1)
+        if (refused := self._refusal(state, [step], "the co-occurrence release")) is not None:
+            return refused
+        matrix = noisy_cooccurrence(self._contributions(), head=head, clip=p.clip_norm, noise_multiplier=sigma,
+                                    rng=np.random.default_rng(entropy_seed()))
+        tensors = {"cooccurrence": torch.from_numpy(matrix.astype(np.float32))}
+        return self._release(state, req, "cooccurrence", MECHANISM_COOCCURRENCE, step, p.clip_norm, tensors)
+
+    def _contributions(self) -> list[np.ndarray]:
+        return user_items([self.split.train[u] for u in self.users], num_items=len(self.dataset.item_ids))
+
+    def _release(self, state: ClientState, req: RoundRequest, kind: str, mechanism: str, step: MechanismStep,
+                 clip: float, tensors: dict[str, torch.Tensor]) -> Outcome:
+        state.accountant.step(noise_multiplier=step.noise_multiplier, sample_rate=1.0, steps=1)
+        entry = self._ledger_entry(state, req.round, mechanism, step, clip)
+        metrics = self._base_metrics(state) | _ledger_metrics(entry)
+        chained = state.commit(run_id=req.run_id, kind=kind, rnd=req.round, ledger_entry=entry,
                                metrics=metrics, tensors=tensors)
         return Outcome(STATUS_OK, metrics, tensors, ledger=chained)
 
-    def train(self, global_tensors: Mapping[str, torch.Tensor], req: RoundRequest) -> Outcome:
+    def train(self, global_tensors: Mapping[str, torch.Tensor], req: RoundRequest,
+              prior: CollaborativePrior | None = None) -> Outcome:
         """One round of local (DP-)training from the global adapter; replies with only LoRA tensors."""
         state = self.state()
         if (replayed := self._replay(state, req, "train")) is not None:
@@ -245,22 +318,21 @@ class ClientJob:
             if (refused := self._refusal(state, [step], f"round {req.round}")) is not None:
                 return refused
             state.noise_multiplier = sigma
-            dp = DPSettings(sigma, self.cfg.privacy.clip_norm, self.sample_rate, self.cfg.privacy.secure_rng)
+            dp = DPSettings(sigma, self.cfg.privacy.clip_norm, self.sample_rate,
+                            normaliser=self.cfg.train.batch_size, secure_rng=self.cfg.privacy.secure_rng)
         self._load_global(global_tensors)
-        seed = _seed(self.cfg.train.seed, self.local.name, req.round, "train")
         trainer = LocalTrainer(
-            self.loaded.rec, item_titles=self.dataset.item_titles, item_texts=self.dataset.item_texts,
-            sequences={u: self.split.train[u] for u in self.users}, lr=req.lr,
-            batch_size=self.cfg.train.batch_size, max_history=self.cfg.data.max_history,
-            negatives=self.cfg.train.negatives, seed=seed, dp=dp,
+            self.loaded.encoder, self.catalogue, {u: self.split.train[u] for u in self.users},
+            lr=self.cfg.train.dp_lr if dp else req.lr, batch_size=self.cfg.train.batch_size,
+            objective=objective(self.cfg), residual=residual_cf(prior, self.cfg), dp=dp,
             accountant=state.accountant if dp else None, proximal_mu=req.proximal_mu,
         )
-        result = trainer.run(steps, desc=f"{self.local.name} round {req.round}")
-        tensors = adapter_state(self.loaded.rec.model, variant=self.cfg.lora.variant)  # type: ignore[arg-type]
+        result = trainer.run(steps, desc=f"{self.local.name} round {req.round}", progress=False)
+        tensors = adapter_state(self.loaded.model, variant=self.cfg.lora.variant)
         metrics = self._base_metrics(state) | {
             "num-examples": float(len(self.users)), "uniform": 1.0, "steps": float(steps),
-            "loss": result.mean_loss if math.isfinite(result.mean_loss) else 0.0,
-            "users_seen": float(result.users_seen),
+            # the training loss is a function of private data: only non-private runs report it
+            "loss": result.mean_loss if dp is None and math.isfinite(result.mean_loss) else 0.0,
         }
         entry = None
         if dp is not None:
@@ -273,47 +345,32 @@ class ClientJob:
 
     def evaluate(
         self, global_tensors: Mapping[str, torch.Tensor], *, which: str,
-        counts: np.ndarray | None, betas: Sequence[float],
+        prior: CollaborativePrior | None, weights: Sequence[float],
     ) -> Outcome:
-        """HR/NDCG/MRR of this client's valid or test users, one value per prior weight β."""
+        """HR/NDCG/MRR of this client's valid or test users, one value per blend weight w."""
         state = self.state()
         who = eval_users(self.split, which=which, users=self.users)
         metrics: dict[str, Any] = {"num-examples": float(len(who.user_ids))}
         if not who.user_ids:
             return Outcome(STATUS_NO_DATA, metrics | self._base_metrics(state), reason="no evaluation users")
         self._load_global(global_tensors)
-        scores = self._scores(who)
-        weights = list(betas) if counts is not None and betas else [0.0]
-        per_beta = [evaluate(scores, who, prior=prior_scores(counts, b), ks=self.cfg.eval.ks)
-                    for b in weights]
-        for key in per_beta[0]:
-            metrics[key] = [m[key] for m in per_beta]
+        vectors = catalogue_vectors(self.loaded.encoder, self.catalogue)
+        llm = llm_scores(vectors, who.histories, window=self.cfg.data.max_history)
+        cf = cf_scores(prior, who.histories, len(self.dataset.item_ids),
+                       CFSettings(beta=self.cfg.prior.beta, shrink=self.cfg.prior.shrink))
+        grid = list(weights) if prior is not None and weights else [1.0]
+        per_weight = evaluate_blends(cf, llm, who, weights=grid, ks=self.cfg.eval.ks)
+        for key in per_weight[0]:
+            metrics[key] = [m[key] for m in per_weight]
         return Outcome(STATUS_OK, metrics)
 
-    def _scores(self, who: EvalUsers) -> np.ndarray:
-        rec, cfg = self.loaded.rec, self.cfg
-        digest = tensors_digest(adapter_state(rec.model))  # type: ignore[arg-type]
-        items = item_vectors_cached(
-            rec, self.dataset.item_texts, cache_dir=self.local.cache_dir,
-            model_fingerprint=self.loaded.base.fingerprint, adapter_digest=digest,
-            batch_size=cfg.eval.batch_size,
-        )
-        return llm_scores(rec, items, who.histories, self.dataset.item_titles,
-                          max_history=cfg.data.max_history, batch_size=cfg.eval.batch_size)
-
     def expected_keys(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return adapter_spec(self.loaded.rec.model, variant=self.cfg.lora.variant)  # type: ignore[arg-type]
+        return adapter_spec(self.loaded.model, variant=self.cfg.lora.variant)
 
 
 def _ledger_metrics(entry: Mapping[str, Any]) -> dict[str, float]:
     keys = ("noise_multiplier", "sample_rate", "steps", "clip_norm", "delta", "epsilon")
     return {f"ledger.{k}": float(entry[k]) for k in keys}
-
-
-def _seed(base: int, name: str, rnd: int, what: str) -> int:
-    """A per-client, per-round, per-purpose seed (sampling and noise differ across clients)."""
-    return int(np.random.SeedSequence([base, zlib.crc32(name.encode()), rnd, zlib.crc32(what.encode())])
-               .generate_state(1)[0])
 
 
 def require_budget(value: Any, where: str) -> float:

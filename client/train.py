@@ -1,24 +1,33 @@
-"""Local training of the LoRA recommender, plain or under user-level DP-SGD (no Flower here).
+"""Local training of the item encoder's LoRA, plain or under user-level DP-SGD (no Flower here).
 
-Privacy unit = user. Each step Poisson-samples users with probability q; a sampled user
-contributes the gradient of one loss term built only from that user's data (a next-item target
-from their history, scored against negatives drawn uniformly from the public catalogue), so the
-per-user gradient — item-side encodings included — is clipped as one unit by Opacus'
-DPOptimizer, which also adds the noise; the step hook records (σ, q) in the accountant.
+Objective (all positions, one user = one term): for each position t of a user's recent training
+sequence, the user vector is the normalised mean of the item vectors of the `window` items
+before t, and the model should rank item t first among the whole catalogue (full softmax over
+cosine / τ). With a collaborative prior the logits are the fixed CF scores plus the LLM's, so
+the LLM learns what CF misses (the residual). A user's loss uses only that user's sequence; the
+item vectors are computed from public text and the parameters, so the gradient of one user's
+loss — item side included — is that user's whole contribution.
+
+Under DP, per-user gradients are computed in one vectorised pass (torch.func.vmap over users of
+torch.func.grad), clipped and noised by Opacus' DPOptimizer, whose step hook records (σ, q) in
+the accountant. Sampling is Poisson with a public rate q (1.0 by default: few, full-batch steps).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fedrec.common.model import Recommender
+from fedrec.common.config import Config
+from fedrec.common.prior import CollaborativePrior
 from fedrec.common.privacy import PrivacyAccountant
+from fedrec.common.recommender import Catalogue, ItemEncoder, item_vectors
 from opacus.optimizers import DPOptimizer
 from tqdm import tqdm
 
@@ -26,19 +35,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Example:
-    """One user's training term: the prompt shows `history`, the model should rank `target` first."""
-
-    history: tuple[int, ...]
-    target: int
-    negatives: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class DPSettings:
     noise_multiplier: float
     clip_norm: float
     sample_rate: float
+    # Public normaliser of the noisy sum (Opacus' expected_batch_size). It never comes from the
+    # private user count; with Adam the update's scale hardly depends on it.
+    normaliser: int = 64
     secure_rng: bool = False
 
 
@@ -49,104 +52,175 @@ class TrainResult:
     users_seen: int
 
 
-def sample_example(
-    sequence: Sequence[int], *, num_items: int, max_history: int, negatives: int, rng: np.random.Generator
-) -> Example | None:
-    """A random next-item example from one user's chronological training sequence."""
-    if len(sequence) < 2:
+@dataclass(frozen=True)
+class Objective:
+    """Settings of the all-position next-item loss."""
+
+    window: int = 20  # history items pooled into the user vector
+    max_len: int = 100  # most recent training items of a user that enter the loss
+    temperature: float = 0.07
+
+
+# --- the collaborative residual ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResidualCF:
+    """Fixed CF logits the LLM adds to: scale·(Σ_{j<t} sim(j, ·)/√t + β·log(1 + popularity))."""
+
+    head: torch.Tensor  # (M,) item indices
+    similarity: torch.Tensor  # (M, M)
+    popularity: torch.Tensor  # (I,) log(1 + noisy count)
+    beta: float
+    scale: float
+
+    def logits(self, seqs: torch.Tensor) -> torch.Tensor:
+        """(B, T) padded sequences (-1 = padding) -> (B, T-1, I) CF logits for predicting t = 1..T-1."""
+        b, t = seqs.shape
+        num_items = self.popularity.shape[0]
+        position = torch.full((num_items,), -1, dtype=torch.long)
+        position[self.head] = torch.arange(len(self.head))
+        pos = torch.where(seqs >= 0, position[seqs.clamp(min=0)], torch.full_like(seqs, -1))  # (B, T)
+        onehot = F.one_hot(pos.clamp(min=0), len(self.head)).float() * (pos >= 0).unsqueeze(-1)  # (B, T, M)
+        seen = torch.cumsum((seqs >= 0).float(), dim=1)[:, :-1].clamp(min=1)  # items before t
+        prefix = torch.cumsum(onehot, dim=1)[:, :-1] / seen.sqrt().unsqueeze(-1)  # (B, T-1, M)
+        out = torch.zeros((b, t - 1, num_items))
+        out[:, :, self.head] = prefix @ self.similarity
+        return self.scale * (out + self.beta * self.popularity)
+
+
+def residual_cf(prior: CollaborativePrior | None, cfg: Config) -> ResidualCF | None:
+    """The fixed CF logits the LLM trains on top of (None without a co-occurrence release)."""
+    if prior is None or prior.cooccurrence is None or cfg.prior.residual_scale == 0:
         return None
-    t = int(rng.integers(1, len(sequence)))
-    history = tuple(sequence[max(0, t - max_history) : t])
-    target = int(sequence[t])
-    negs = rng.integers(0, num_items - 1, size=negatives)
-    negs = np.where(negs >= target, negs + 1, negs)  # uniform over the catalogue minus the target
-    return Example(history, target, tuple(int(n) for n in negs))
+    p = cfg.prior
+    return ResidualCF(
+        head=torch.as_tensor(prior.head), popularity=torch.as_tensor(prior.popularity_scores(), dtype=torch.float32),
+        similarity=torch.as_tensor(prior.similarity(shrink=p.shrink), dtype=torch.float32),
+        beta=p.beta, scale=p.residual_scale,
+    )
 
 
-def example_losses(
-    rec: Recommender, examples: Sequence[Example], item_titles: Sequence[str], item_texts: Sequence[str]
-) -> torch.Tensor:
-    """(B,) sampled-softmax losses; example b depends only on example b's user."""
-    users = rec.encode_users([[item_titles[i] for i in ex.history] for ex in examples])  # (B, H)
-    candidates = [[ex.target, *ex.negatives] for ex in examples]
-    flat = [item_texts[i] for row in candidates for i in row]
-    items = rec.encode_items(flat).view(len(examples), len(candidates[0]), -1)  # (B, 1+K, H)
-    logits = torch.einsum("bh,bkh->bk", users, items) / rec.temperature  # (B, 1+K)
-    labels = torch.zeros(len(examples), dtype=torch.long, device=logits.device)
-    return F.cross_entropy(logits, labels, reduction="none")
+def objective(cfg: Config) -> Objective:
+    return Objective(window=cfg.data.max_history, max_len=cfg.train.max_sequence,
+                     temperature=cfg.train.temperature)
 
 
-def per_user_gradients(
-    rec: Recommender,
-    params: Sequence[torch.nn.Parameter],
-    examples: Sequence[Example],
-    item_titles: Sequence[str],
-    item_texts: Sequence[str],
-) -> tuple[list[torch.Tensor], float]:
-    """Per-user gradients stacked per parameter, (B, *p.shape) each, and the mean loss."""
-    per_param: list[list[torch.Tensor]] = [[] for _ in params]
-    total = 0.0
-    for ex in examples:
-        loss = example_losses(rec, [ex], item_titles, item_texts)[0]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for slot, g, p in zip(per_param, grads, params, strict=True):
-            slot.append(torch.zeros_like(p) if g is None else g.detach())
-        total += float(loss.detach())
-    stacked = [torch.stack(slot) for slot in per_param]
-    return stacked, total / max(1, len(examples))
+# --- the per-user loss --------------------------------------------------------------------------
 
 
-def poisson_sample(users: Sequence[str], sample_rate: float, rng: np.random.Generator) -> list[str]:
-    """Each user independently with probability q (the sampling the accountant assumes)."""
-    mask = rng.random(len(users)) < sample_rate
-    return [u for u, keep in zip(users, mask, strict=True) if keep]
+def pack(sequences: Sequence[Sequence[int]], *, max_len: int) -> torch.Tensor:
+    """(U, T) the last `max_len` items of each sequence, left-padded with -1."""
+    t = max(2, min(max_len, max((len(s) for s in sequences), default=2)))
+    out = torch.full((len(sequences), t), -1, dtype=torch.long)
+    for u, s in enumerate(sequences):
+        recent = list(s)[-t:]
+        if recent:
+            out[u, t - len(recent):] = torch.as_tensor(recent, dtype=torch.long)
+    return out
+
+
+def sequence_loss(vectors: torch.Tensor, seq: torch.Tensor, cf: torch.Tensor | None, *,
+                  objective: Objective) -> torch.Tensor:
+    """One user's mean next-item cross-entropy over positions 1..T-1. vectors (I, H), seq (T,)."""
+    valid = seq >= 0  # (T,)
+    x = vectors[seq.clamp(min=0)] * valid.unsqueeze(-1)  # (T, H)
+    csum = torch.cat([torch.zeros_like(x[:1]), torch.cumsum(x, dim=0)])  # (T+1, H)
+    t = torch.arange(1, seq.shape[0])
+    lo = (t - objective.window).clamp(min=0)
+    users = F.normalize(csum[t] - csum[lo], dim=-1)  # (T-1, H) mean of the window, normalised
+    logits = users @ vectors.T / objective.temperature  # (T-1, I)
+    if cf is not None:
+        logits = logits + cf
+    ce = F.cross_entropy(logits, seq[1:].clamp(min=0), reduction="none")
+    has_history = (torch.cumsum(valid.float(), dim=0)[:-1] > 0).float()
+    weight = valid[1:].float() * has_history
+    return (ce * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def batch_losses(encoder: ItemEncoder, catalogue: Catalogue, params: Mapping[str, torch.Tensor],
+                 seqs: torch.Tensor, cf: torch.Tensor | None, *, objective: Objective) -> torch.Tensor:
+    """(B,) per-user losses (differentiable in params)."""
+    vectors = item_vectors(encoder.states(catalogue, params))
+
+    def one(seq: torch.Tensor, cf_u: torch.Tensor | None) -> torch.Tensor:
+        return sequence_loss(vectors, seq, cf_u, objective=objective)
+
+    return torch.func.vmap(one, in_dims=(0, 0 if cf is not None else None))(seqs, cf)
+
+
+def per_user_gradients(encoder: ItemEncoder, catalogue: Catalogue, params: Mapping[str, torch.Tensor],
+                       seqs: torch.Tensor, cf: torch.Tensor | None, *, objective: Objective,
+                       chunk: int = 64) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-user gradients {name: (B, *shape)} and losses (B,), vectorised with torch.func."""
+    detached = {k: v.detach() for k, v in params.items()}
+
+    def loss(p: dict[str, torch.Tensor], seq: torch.Tensor, cf_u: torch.Tensor | None) -> torch.Tensor:
+        vectors = item_vectors(encoder.states(catalogue, p))
+        return sequence_loss(vectors, seq, cf_u, objective=objective)
+
+    grad_fn = torch.func.vmap(torch.func.grad_and_value(loss), in_dims=(None, 0, 0 if cf is not None else None))
+    grads: dict[str, list[torch.Tensor]] = {k: [] for k in detached}
+    losses = []
+    for start in range(0, seqs.shape[0], chunk):
+        part_cf = cf[start : start + chunk] if cf is not None else None
+        g, value = grad_fn(detached, seqs[start : start + chunk], part_cf)
+        for k in grads:
+            grads[k].append(g[k])
+        losses.append(value)
+    return {k: torch.cat(v) for k, v in grads.items()}, torch.cat(losses)
+
+
+# --- the trainer ------------------------------------------------------------------------------
+
+
+def entropy_seed() -> int:
+    """A seed from the OS's entropy source (what every private run uses)."""
+    return secrets.randbits(63)
 
 
 class LocalTrainer:
-    """Runs plain or DP training steps over one party's users; stateless apart from the optimizer."""
+    """Runs plain or DP steps over one party's users; the optimizer is its only state."""
 
     def __init__(
         self,
-        rec: Recommender,
-        *,
-        item_titles: Sequence[str],
-        item_texts: Sequence[str],
+        encoder: ItemEncoder,
+        catalogue: Catalogue,
         sequences: Mapping[str, Sequence[int]],
+        *,
         lr: float,
         batch_size: int,
-        max_history: int,
-        negatives: int,
-        seed: int,
+        objective: Objective,
+        residual: ResidualCF | None = None,
         dp: DPSettings | None = None,
         accountant: PrivacyAccountant | None = None,
         proximal_mu: float = 0.0,
+        seed: int | None = None,
     ) -> None:
-        self.rec = rec
-        self.item_titles, self.item_texts = item_titles, item_texts
-        self.sequences = sequences
-        self.users = sorted(sequences)
-        self.batch_size, self.max_history, self.negatives = batch_size, max_history, negatives
-        self.rng = np.random.default_rng(seed)
-        self.params = [p for p in rec.model.parameters() if p.requires_grad]
+        self.encoder, self.catalogue, self.objective, self.residual = encoder, catalogue, objective, residual
+        self.users = sorted(u for u, s in sequences.items() if len(s) >= 2)
+        self.seqs = pack([sequences[u] for u in self.users], max_len=objective.max_len)
+        self.batch_size = batch_size
+        # seed None (every private run): sampling and noise from OS entropy, unpredictable to anyone
+        self.rng = np.random.default_rng(seed if seed is not None else entropy_seed())
+        self.params = encoder.trainable()
         if not self.params:
             raise ValueError("the model has no trainable (LoRA) parameters")
         self.dp = dp
         # FedProx: after each step pull the weights towards the round's starting point,
         # w <- w - lr·mu·(w - w0). It depends on no data, so under DP it is post-processing.
         self.lr, self.proximal_mu = lr, proximal_mu
-        self.anchor = [p.detach().clone() for p in self.params] if proximal_mu > 0 else None
-        base = torch.optim.Adam(self.params, lr=lr)
+        self.anchor = {k: p.detach().clone() for k, p in self.params.items()} if proximal_mu > 0 else None
+        base = torch.optim.Adam(list(self.params.values()), lr=lr)
         self.optimizer: torch.optim.Optimizer = base
         if dp is not None:
             if accountant is None:
                 raise ValueError("DP training needs an accountant to record what it spends")
+            noise = torch.Generator().manual_seed(seed if seed is not None else entropy_seed())
             dp_optimizer = DPOptimizer(
-                base,
-                noise_multiplier=dp.noise_multiplier,
-                max_grad_norm=dp.clip_norm,
-                expected_batch_size=batch_size,
-                secure_mode=dp.secure_rng,
-                generator=torch.Generator().manual_seed(seed) if not dp.secure_rng else None,
+                base, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
+                expected_batch_size=dp.normaliser, secure_mode=dp.secure_rng,
+                generator=None if dp.secure_rng else noise,
             )
             dp_optimizer.attach_step_hook(accountant.make_step_hook(dp.sample_rate))
             self.optimizer = dp_optimizer
@@ -157,62 +231,58 @@ class LocalTrainer:
             return self.dp.sample_rate
         return min(1.0, self.batch_size / max(1, len(self.users)))
 
-    def examples_for(self, users: Sequence[str]) -> list[Example]:
-        num_items = len(self.item_texts)
-        out = []
-        for u in users:
-            ex = sample_example(
-                self.sequences[u], num_items=num_items, max_history=self.max_history,
-                negatives=self.negatives, rng=self.rng,
-            )
-            if ex is not None:
-                out.append(ex)
-        return out
+    def _cf(self, rows: torch.Tensor) -> torch.Tensor | None:
+        return self.residual.logits(self.seqs[rows]) if self.residual is not None else None
 
-    def step(self, examples: Sequence[Example]) -> float:
-        """One optimizer step on these users' examples; returns their mean loss."""
-        self.rec.model.train()
+    def step(self, rows: torch.Tensor) -> float:
+        """One optimizer step on these users (row indices); returns their mean loss."""
+        self.encoder.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         if self.dp is None:
-            if not examples:
+            if rows.numel() == 0:
                 return float("nan")
-            loss = example_losses(self.rec, examples, self.item_titles, self.item_texts).mean()
+            losses = batch_losses(self.encoder, self.catalogue, self.params, self.seqs[rows], self._cf(rows),
+                                  objective=self.objective)
+            loss = losses.mean()
             loss.backward()
             self.optimizer.step()
             self._proximal()
             return loss.item()
-        grads, mean_loss = self._dp_grads(examples)
-        for p, g in zip(self.params, grads, strict=True):
-            p.grad_sample = g  # type: ignore[attr-defined]
-        self.optimizer.step()  # Opacus: clip each user, sum, add N(0, σ²C²), divide by E[B]
+        grads, mean_loss = self._dp_grads(rows)
+        for k, p in self.params.items():
+            p.grad_sample = grads[k]  # type: ignore[attr-defined]
+        self.optimizer.step()  # Opacus: clip each user, sum, add N(0, σ²C²), divide by the normaliser
         self._proximal()
-        return mean_loss if examples else float("nan")
+        return mean_loss
+
+    def _dp_grads(self, rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+        """Per-user gradients {name: (B, *shape)} of these users, and their mean loss."""
+        if rows.numel():
+            grads, losses = per_user_gradients(self.encoder, self.catalogue, self.params, self.seqs[rows],
+                                               self._cf(rows), objective=self.objective)
+            return grads, float(losses.mean())
+        # an empty Poisson batch is still a step of the mechanism: pure noise, one zero row
+        return {k: torch.zeros((1, *p.shape)) for k, p in self.params.items()}, float("nan")
 
     @torch.no_grad()
     def _proximal(self) -> None:
         if self.anchor is None:
             return
-        for p, w0 in zip(self.params, self.anchor, strict=True):
-            p.sub_(self.lr * self.proximal_mu * (p - w0))
-
-    def _dp_grads(self, examples: Sequence[Example]) -> tuple[list[torch.Tensor], float]:
-        if examples:
-            return per_user_gradients(self.rec, self.params, examples, self.item_titles, self.item_texts)
-        # an empty Poisson batch is still a step of the mechanism: pure noise, one zero row
-        return [torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device) for p in self.params], 0.0
+        for k, p in self.params.items():
+            p.sub_(self.lr * self.proximal_mu * (p - self.anchor[k]))
 
     def run(self, steps: int, *, progress: bool = True, desc: str = "train") -> TrainResult:
         """`steps` Poisson-sampled steps over this party's users."""
         losses, seen = [], 0
         bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
         for _ in bar:
-            users = poisson_sample(self.users, self.sample_rate, self.rng)
-            examples = self.examples_for(users)
-            loss = self.step(examples)
-            seen += len(examples)
+            mask = self.rng.random(len(self.users)) < self.sample_rate
+            rows = torch.as_tensor(np.flatnonzero(mask), dtype=torch.long)
+            loss = self.step(rows)
+            seen += int(rows.numel())
             if not math.isnan(loss):
                 losses.append(loss)
-                bar.set_postfix(loss=f"{loss:.3f}", users=len(examples))
+                bar.set_postfix(loss=f"{loss:.3f}", users=int(rows.numel()))
         mean = float(np.mean(losses)) if losses else float("nan")
         return TrainResult(steps=steps, mean_loss=mean, users_seen=seen)
 

@@ -13,7 +13,9 @@ from typing import Any
 
 from fedrec.common.errors import ConfigError
 
-CENTRAL_METHODS = ("popularity", "dp-popularity", "zero-shot", "central-lora", "central-dp-lora")
+CENTRAL_METHODS = (
+    "popularity", "dp-popularity", "itemknn", "dp-cooccurrence", "zero-shot", "central-lora", "central-dp-lora",
+)
 
 
 @dataclass(frozen=True)
@@ -21,10 +23,8 @@ class DataConfig:
     dataset: str = "ml-100k"  # a known asset name or a local directory
     format: str = "auto"  # auto | ml-100k | recbole | csv
     rating_threshold: float | None = None  # None: every interaction is a positive
-    max_history: int = 8  # most recent items shown to the user tower
-    # Reduced default so `fedrec train-central` finishes on a 2-core CPU; the full-size preset
-    # (simulations/configs/central-full.toml) sets it to all users.
-    max_users: int = 150  # 0: all users
+    max_history: int = 20  # most recent history items pooled into the user vector
+    max_users: int = 0  # 0: all users (a smaller number samples users, for quick experiments)
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, ("auto", "ml-100k", "recbole", "csv"))
@@ -37,24 +37,24 @@ class DataConfig:
 class ModelConfig:
     name: str = "smollm2-135m-instruct"  # known name, hub id, local dir or .gguf file
     dtype: str = "float32"
-    max_item_tokens: int = 32
-    max_history_tokens: int = 256
+    max_item_tokens: int = 32  # tokens of an item's prompt (and of a text query)
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("model.device", self.device, ("auto", "cpu", "cuda"))
         _positive("model.max_item_tokens", self.max_item_tokens)
-        _positive("model.max_history_tokens", self.max_history_tokens)
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = 8
+    # The item encoder adapts one per-token module of the last block (everything below it is
+    # cached once per catalogue): `down_proj` for Llama-family models, `c_proj` for GPT-2.
+    rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    last_layers: int | None = 2  # LoRA on the last N transformer blocks only (None: all)
+    target_modules: tuple[str, ...] = ("down_proj",)
+    last_layers: int | None = 1  # LoRA on the last N transformer blocks only (None: all)
     variant: str = "lora"  # lora | ffa (A frozen at its random init, only B trained and sent)
 
     def __post_init__(self) -> None:
@@ -71,12 +71,17 @@ class LoraConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     methods: tuple[str, ...] = CENTRAL_METHODS  # what `fedrec train-central` runs, in order
-    epochs: float = 3.0  # passes over the users (expected, under Poisson sampling)
-    batch_size: int = 16  # expected users per step
-    lr: float = 3e-3
-    negatives: int = 15  # uniformly sampled negatives per user and step
-    temperature: float = 0.05  # fixed softmax temperature over cosine similarities
-    seed: int = 0
+    epochs: float = 20.0  # non-private training: passes over the users
+    batch_size: int = 64  # non-private: users per step; DP: the public normaliser of the noisy sum
+    lr: float = 3e-3  # non-private Adam learning rate
+    dp_lr: float = 2e-3  # Adam learning rate under DP
+    # DP: users are Poisson-sampled with this public rate (1.0: every user in every step, few
+    # large steps); steps = dp_epochs / sample_rate, none of it derived from the private user count
+    sample_rate: float = 1.0
+    dp_epochs: float = 15.0  # central DP training: expected passes (= steps at sample_rate 1)
+    max_sequence: int = 100  # most recent training items of a user in the all-position loss
+    temperature: float = 0.07  # softmax temperature over cosine similarities
+    seed: int = 0  # model initialisation, user sampling for max_users, data partitions
 
     def __post_init__(self) -> None:
         for method in self.methods:
@@ -84,7 +89,11 @@ class TrainConfig:
         _positive("train.epochs", self.epochs)
         _positive("train.batch_size", self.batch_size)
         _positive("train.lr", self.lr)
-        _positive("train.negatives", self.negatives)
+        _positive("train.dp_lr", self.dp_lr)
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"train.sample_rate={self.sample_rate} must be in (0, 1]")
+        _positive("train.dp_epochs", self.dp_epochs)
+        _positive("train.max_sequence", self.max_sequence)
         _positive("train.temperature", self.temperature)
 
 
@@ -92,7 +101,7 @@ class TrainConfig:
 class PrivacyConfig:
     target_epsilon: float = 8.0  # total user-level budget: DP-SGD and the prior release together
     delta: float | None = None  # None: min(1e-5, 1/(10·users))
-    clip_norm: float = 1.0  # per-user L2 bound on the LoRA gradient
+    clip_norm: float = 0.5  # per-user L2 bound on the LoRA gradient (near the median per-user norm)
     accountant: str = "rdp"  # rdp | prv
     secure_rng: bool = False
     # None: calibrate σ so the whole plan (prior release + every round) spends target_epsilon;
@@ -111,21 +120,31 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class PriorConfig:
-    enabled: bool = True  # blend the LLM score with private item popularity
-    weight: float = 1.0  # β in score = LLM + β·log(1 + noisy count), unless tuned
-    tune_weight: bool = True  # choose β on the validation users from PRIOR_WEIGHTS (common/evaluation.py)
-    clip_norm: float = 1.0  # per-user L2 bound on the 0/1 item vector
-    # The counts release is charged to the same user-level budget. Its σ is calibrated so that it
-    # alone costs budget_share · ε; DP-SGD's σ is then calibrated for the whole ε (composition is
-    # sublinear, so DP-SGD loses little: at ε = 8 its σ goes from 0.99 to 1.10). A fixed
-    # noise_multiplier overrides the share.
-    budget_share: float = 0.5
+    enabled: bool = True  # release private popularity (and co-occurrence) and blend it in
+    cooccurrence: bool = True  # also release item–item co-occurrence over the head items
+    head_size: int = 300  # items modelled collaboratively: the most popular by noisy count
+    # The releases are charged to the same user-level budget. Their σ is calibrated so that they
+    # alone cost budget_share · ε (popularity_share of it for popularity, the rest co-occurrence);
+    # DP-SGD's σ is then calibrated for the whole ε (RDP composition is sublinear). A fixed
+    # noise_multiplier (σ of the two releases combined) overrides the share.
+    budget_share: float = 0.75
+    popularity_share: float = 0.3
+    clip_norm: float = 1.0  # per-user bound: popularity L2 norm, co-occurrence Frobenius norm
     noise_multiplier: float | None = None
+    beta: float = 0.05  # CF score: weight of log(1 + noisy popularity)
+    shrink: float = 5.0  # CF score: shrinkage of the co-occurrence cosine
+    residual_scale: float = 10.0  # training: the LLM's logits are added to scale·CF (learns the residual)
+    weight: float = 1.0  # w in score = CF + w·LLM cosine, unless tuned
+    tune_weight: bool = True  # choose w on the validation users from BLEND_WEIGHTS (common/evaluation.py)
 
     def __post_init__(self) -> None:
         _positive("prior.clip_norm", self.clip_norm)
-        if self.weight < 0:
-            raise ConfigError(f"prior.weight={self.weight} must be >= 0")
+        _positive("prior.head_size", self.head_size)
+        if not 0 < self.popularity_share < 1:
+            raise ConfigError(f"prior.popularity_share={self.popularity_share} must be between 0 and 1 (exclusive)")
+        for key in ("weight", "beta", "shrink", "residual_scale"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"prior.{key}={getattr(self, key)} must be >= 0")
         if not 0 < self.budget_share < 1:
             raise ConfigError(f"prior.budget_share={self.budget_share} must be between 0 and 1 (exclusive)")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
@@ -154,7 +173,7 @@ class FederatedConfig:
     attribute: str | None = None  # user attribute for dirichlet/attribute (None: dominant genre)
     mapping_file: str | None = None  # user_id,client CSV for partition = "mapping"
     rounds: int = 3
-    local_epochs: float = 1.0  # expected passes over the client's users per round
+    local_epochs: float = 5.0  # expected passes over the client's users per round (steps at q = 1)
     strategy: str = "fedavg"  # fedavg | fedprox | fedadam (Flower's strategies)
     weighting: str = "users"  # users: weight by the client's user count | uniform
     proximal_mu: float = 0.01  # fedprox only

@@ -3,6 +3,10 @@
 Protocol (the same everywhere in fedrec): for validation the user's history is their training
 sequence and the target is the valid item; for test the history also includes the valid item.
 Items already in the history are excluded from the ranking; ties rank pessimistically.
+
+The served score is the blend score = CF + w·LLM: CF from the private collaborative prior
+(common/prior.py), LLM the cosine of the user's pooled history vector with each item vector
+(common/recommender.py), w chosen on validation users from BLEND_WEIGHTS (w = 0 is CF alone).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import numpy as np
 import torch
 from fedrec.common.data import Dataset, Split
 from fedrec.common.metrics import evaluate_scores
-from fedrec.common.model import Recommender
+from fedrec.common.prior import CollaborativePrior
+from fedrec.common.recommender import Catalogue, ItemEncoder, item_vectors, user_vectors
 
 
 @dataclass(frozen=True)
@@ -43,46 +48,60 @@ def eval_users(split: Split, *, which: str, users: Sequence[str] | None = None) 
     return EvalUsers(tuple(ids), tuple(histories), np.array([targets[u] for u in ids], dtype=np.int64))
 
 
-# β values tried on the validation users when prior.tune_weight is on
-PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+# LLM weights w in score = CF + w·cosine tried on the validation users (0: CF alone)
+BLEND_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
-def prior_scores(counts: np.ndarray | None, weight: float) -> np.ndarray | None:
-    """β·log(1 + max(count, 0)): the popularity prior blended into the LLM score."""
-    if counts is None or weight == 0:
-        return None
-    return weight * np.log1p(np.clip(counts, 0.0, None))
+@dataclass(frozen=True)
+class CFSettings:
+    """How the released statistics are turned into a score (fixed in advance, public)."""
+
+    beta: float = 0.05  # weight of log(1 + noisy popularity)
+    shrink: float = 5.0  # shrinkage of the co-occurrence cosine
 
 
-def llm_scores(
-    rec: Recommender,
-    item_vectors: torch.Tensor,
-    histories: Sequence[Sequence[int]],
-    item_titles: Sequence[str],
-    *,
-    max_history: int,
-    batch_size: int,
-) -> np.ndarray:
-    """(U, I) LLM scores for users given by their item histories (most recent `max_history`)."""
-    prompts = [[item_titles[i] for i in h[-max_history:]] for h in histories]
-    users = rec.encode_all(prompts, users=True, batch_size=batch_size)  # (U, H)
-    return rec.logits(users, item_vectors).numpy()
+def cf_scores(prior: CollaborativePrior | None, histories: Sequence[Sequence[int]], num_items: int,
+              settings: CFSettings) -> np.ndarray:
+    """(U, I) the collaborative score (zeros without a prior)."""
+    if prior is None:
+        return np.zeros((len(histories), num_items))
+    if prior.cooccurrence is None:  # popularity only: β has no item–item term to be relative to
+        return np.repeat(prior.popularity_scores()[None, :], len(histories), axis=0)
+    return prior.scores(histories, beta=settings.beta, shrink=settings.shrink)
 
 
-def evaluate(
-    scores: np.ndarray | None,
-    who: EvalUsers,
-    *,
-    prior: np.ndarray | None = None,
-    ks: Sequence[int] = (10,),
-) -> dict[str, float]:
-    """Metrics for (U, I) scores plus an optional (I,) prior added to every user's row."""
-    if scores is None and prior is None:
-        raise ValueError("nothing to score: give LLM scores, a prior, or both")
-    total = np.zeros((len(who.user_ids), 1)) if scores is None else scores.astype(np.float64)
-    if prior is not None:
-        total = total + prior[None, :]
-    return evaluate_scores(total, who.targets, who.exclude, ks=ks)
+@torch.no_grad()
+def catalogue_vectors(encoder: ItemEncoder, catalogue: Catalogue) -> torch.Tensor:
+    """(I, H) the adapted item vectors of the whole catalogue."""
+    return item_vectors(encoder.states(catalogue)).cpu()
+
+
+def llm_scores(vectors: torch.Tensor, histories: Sequence[Sequence[int]], *, window: int) -> np.ndarray:
+    """(U, I) cosine between each user's pooled recent history and every item."""
+    users = user_vectors(vectors, histories, history=window)
+    return (users @ vectors.T).numpy().astype(np.float64)
+
+
+def blend(cf: np.ndarray, llm: np.ndarray | None, weight: float) -> np.ndarray:
+    return cf if llm is None or weight == 0 else cf + weight * llm
+
+
+def evaluate(scores: np.ndarray, who: EvalUsers, *, ks: Sequence[int] = (10,)) -> dict[str, float]:
+    """Metrics for (U, I) scores, the user's history excluded."""
+    return evaluate_scores(np.asarray(scores, dtype=np.float64), who.targets, who.exclude, ks=ks)
+
+
+def evaluate_blends(cf: np.ndarray, llm: np.ndarray | None, who: EvalUsers, *, weights: Sequence[float],
+                    ks: Sequence[int] = (10,)) -> list[dict[str, float]]:
+    """Metrics of every blend weight, in order."""
+    return [evaluate(blend(cf, llm, w), who, ks=ks) for w in weights]
+
+
+def best_weight(per_weight: Sequence[dict[str, float]], weights: Sequence[float], key: str) -> float:
+    """The weight with the best `key` (ties: the smaller weight)."""
+    values = [m[key] for m in per_weight]
+    best = max(range(len(weights)), key=lambda i: (values[i], -weights[i]))
+    return float(weights[best])
 
 
 def popularity_counts(dataset: Dataset, split: Split) -> np.ndarray:

@@ -1,9 +1,9 @@
-"""User-level differential privacy: ε maths, noise calibration, the accountant, private counts.
+"""User-level differential privacy: ε maths, noise calibration, δ, the accountant.
 
 The privacy unit is the user. A mechanism is a history of homogeneous blocks (σ, q, steps):
 σ is the noise multiplier (noise std / L2 sensitivity of one user's whole contribution), q the
 probability that a user takes part in a step (Poisson sampling; 1.0 for a full release such as
-the popularity counts), steps how many times the block was composed. ε is computed by Opacus'
+the prior releases), steps how many times the block was composed. ε is computed by Opacus'
 accountant analysis (RDP by default, PRV on request); the functions here take and return plain
 Python floats and numpy arrays, never tensors.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-from fedrec.common.errors import ConfigError, DataError, PrivacyError
+from fedrec.common.errors import ConfigError, PrivacyError
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
@@ -173,17 +173,6 @@ def _check_calibration_args(*, target_epsilon: float, delta: float, tol: float) 
 # --- δ ---------------------------------------------------------------------------------------
 
 
-def prior_noise(
-    *, target_epsilon: float, delta: float, share: float, fixed: float | None = None, accountant: str = "rdp"
-) -> float:
-    """σ of the one-shot counts release (q = 1): `fixed`, or the σ whose release alone costs
-    share · target_epsilon."""
-    if fixed is not None:
-        return fixed
-    return calibrate_noise(target_epsilon=share * target_epsilon, delta=delta, sample_rate=1.0, steps=1,
-                           accountant=accountant)
-
-
 def default_delta(num_users: int) -> float:
     """δ = min(1e-5, 1/(10·users)): a conventional choice strictly below 1/users."""
     if num_users < 1:
@@ -294,42 +283,3 @@ def _parse_entry(i: int, entry: object) -> MechanismStep:
     sigma, q, steps = entry
     _check_entry(sigma, q, steps, where=where)
     return MechanismStep(sigma, q, steps)
-
-
-# --- private statistics ----------------------------------------------------------------------
-
-
-def private_counts(
-    contributions: Sequence[np.ndarray],
-    *,
-    num_items: int,
-    clip_norm: float,
-    noise_multiplier: float,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Per-item user counts under the Gaussian mechanism (one step, q = 1) -> (num_items,) float64.
-
-    Each user's distinct items form a 0/1 vector scaled by min(1, clip_norm/sqrt(k)) so its L2
-    norm is <= clip_norm: adding or removing one user moves the sum by at most clip_norm (the
-    sensitivity), and the sum gets N(0, (σ·clip_norm)²) per item. The caller records
-    MechanismStep(σ, 1.0, 1) for it.
-    """
-    _check_counts_args(num_items=num_items, clip_norm=clip_norm, noise_multiplier=noise_multiplier)
-    total = np.zeros(num_items, dtype=np.float64)
-    for u, items in enumerate(contributions):
-        unique = np.unique(np.asarray(items))
-        if unique.size == 0:
-            continue
-        if unique.dtype.kind not in "iu" or unique[0] < 0 or unique[-1] >= num_items:
-            raise DataError(f"contribution of user #{u} must hold integer item indices in [0, {num_items})")
-        total[unique] += min(1.0, clip_norm / math.sqrt(unique.size))
-    return total + rng.normal(0.0, noise_multiplier * clip_norm, size=num_items)
-
-
-def _check_counts_args(*, num_items: int, clip_norm: float, noise_multiplier: float) -> None:
-    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral) or num_items < 1:
-        raise ConfigError(f"num_items={num_items!r} must be an integer >= 1")
-    if not _is_real(clip_norm) or not 0 < clip_norm < math.inf:
-        raise PrivacyError(f"clip_norm={clip_norm!r} must be a finite number > 0")
-    if not _is_real(noise_multiplier) or not 0 <= noise_multiplier < math.inf:
-        raise PrivacyError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0")

@@ -20,7 +20,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,19 @@ import torch
 from fedrec.client.secagg import LEDGER
 from fedrec.common.config import Config, from_run_config, to_dict
 from fedrec.common.errors import AdapterError, ConfigError
-from fedrec.common.evaluation import PRIOR_WEIGHTS
+from fedrec.common.evaluation import BLEND_WEIGHTS
 from fedrec.common.lora import save_adapter, tensors_digest, validate_adapter
-from fedrec.common.model import build_recommender
-from fedrec.common.rundir import PRIOR_COUNTS, RunDir, load_prior_counts, save_prior_counts
+from fedrec.common.prior import (
+    MECHANISM_COOCCURRENCE,
+    MECHANISM_POPULARITY,
+    PRIOR_FILE,
+    CollaborativePrior,
+    head_items,
+    load_prior,
+    save_prior,
+)
+from fedrec.common.recommender import build_recommender
+from fedrec.common.rundir import RunDir
 from fedrec.server.secagg import secagg_round
 from fedrec.server.strategy import (
     aggregate,
@@ -58,7 +67,7 @@ class ServerState:
     round: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per round
     ledgers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # client -> lines
-    counts: np.ndarray | None = None  # summed noisy item counts of the prior release
+    prior: CollaborativePrior | None = None  # the clients' summed prior releases
 
 
 @dataclass(frozen=True)
@@ -92,8 +101,8 @@ def run_server(
     model_bytes = sum(p.numel() * p.element_size() for p in loaded.base.model.parameters())
     adapter_bytes = sum(t.numel() * t.element_size() for t in current.values())
 
-    if cfg.prior.enabled and state.counts is None:
-        state.counts = _prior_release(grid, cfg, state, num_clients)
+    if cfg.prior.enabled and state.prior is None:
+        state.prior = _prior_release(grid, cfg, state, num_clients)
         _write_records(run, state)
 
     for rnd in range(state.round + 1, cfg.fed.rounds + 1):
@@ -108,7 +117,7 @@ def run_server(
                                                                   config, nodes, spec, num_clients)
         else:
             replies, failures, merged = _plain_round(grid, cfg, strategy, rnd, current, config, spec,
-                                                     num_clients)
+                                                     num_clients, state.prior)
             bytes_down = adapter_bytes
         trained = [r for r in replies if r.status == "ok"]
         if merged is not None:
@@ -155,10 +164,13 @@ Merged = dict[str, torch.Tensor] | None
 
 def _plain_round(
     grid: Grid, cfg: Config, strategy: Strategy, rnd: int, current: Mapping[str, torch.Tensor],
-    config: ConfigRecord, spec: Mapping[str, Any], num_clients: int,
+    config: ConfigRecord, spec: Mapping[str, Any], num_clients: int, prior: CollaborativePrior | None,
 ) -> tuple[list[Reply], list[str], Merged]:
     """Every client's adapter reaches the server; the strategy aggregates those that trained."""
     messages = list(strategy.configure_train(rnd, to_record(current), config, grid))
+    if prior is not None:  # the clients train the LLM on the residual of this prior's CF score
+        for m in messages:
+            m.content["prior"] = prior_record(prior)
     raw = list(grid.send_and_receive(messages, timeout=cfg.fed.timeout))
     sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set by the push
     pairs, failures = _parse(raw, spec, rnd, sent=sent)
@@ -205,24 +217,54 @@ def _enough(cfg: Config, rnd: int, answered: int, num_clients: int) -> bool:
     return answered >= need
 
 
-def _prior_release(grid: Grid, cfg: Config, state: ServerState, num_clients: int) -> np.ndarray | None:
-    """Round 0: every client releases its noisy item counts once; the server sums them."""
+def _prior_release(grid: Grid, cfg: Config, state: ServerState, num_clients: int) -> CollaborativePrior | None:
+    """Round 0, once: every client releases noisy popularity; the server sums it, picks the head
+    (the most popular items by noisy count: post-processing), and every client releases its noisy
+    co-occurrence over that head; the sums are the global prior."""
     config = ConfigRecord({"run-id": state.run_id, "server-round": 0, "num-rounds": cfg.fed.rounds,
                            "local-epochs": cfg.fed.local_epochs, "lr": cfg.train.lr})
-    messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type="query.prior")
-                for n in _nodes(grid, cfg, num_clients)]
+    replies = _query(grid, cfg, num_clients, "query.prior", RecordDict({"config": config}))
+    popularity = _sum_releases(replies, "counts", MECHANISM_POPULARITY, state, cfg)
+    if popularity is None:
+        return None
+    head = head_items(popularity, cfg.prior.head_size)
+    if not cfg.prior.cooccurrence:
+        return CollaborativePrior(popularity, np.empty(0, np.int64), None)
+    content = RecordDict({"config": config, "head": ArrayRecord(torch_state_dict={"head": torch.from_numpy(head)})})
+    replies = _query(grid, cfg, num_clients, "query.cooccurrence", content)
+    matrix = _sum_releases(replies, "cooccurrence", MECHANISM_COOCCURRENCE, state, cfg, shape=(len(head),) * 2)
+    return CollaborativePrior(popularity, head, matrix) if matrix is not None else \
+        CollaborativePrior(popularity, np.empty(0, np.int64), None)
+
+
+def _query(grid: Grid, cfg: Config, num_clients: int, message_type: str, content: RecordDict) -> list[Reply]:
+    messages = [Message(content, dst_node_id=n, message_type=message_type) for n in _nodes(grid, cfg, num_clients)]
     pairs, _ = _parse(list(grid.send_and_receive(messages, timeout=cfg.fed.timeout)), None, 0)
-    replies = [r for _, r in pairs]
+    return [r for _, r in pairs]
+
+
+def _sum_releases(replies: Sequence[Reply], key: str, mechanism: str, state: ServerState, cfg: Config,
+                  shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+    """Σ over clients of one released statistic; a reply of the wrong shape or non-finite is dropped."""
     total: np.ndarray | None = None
     for r in replies:
         if r.status != "ok":
-            log.warning("prior release: %s %s: %s", r.client, r.status, r.reason)
+            log.warning("%s release: %s %s: %s", mechanism, r.client, r.status, r.reason)
             continue
-        counts = r.tensors["counts"].numpy().astype(np.float64)
-        total = counts if total is None else total + counts
-        state.ledgers.setdefault(r.client, []).append(
-            _ledger_line(0, "prior-counts", r, cfg.privacy.accountant))
+        value = r.tensors.get(key)
+        array = value.numpy().astype(np.float64) if value is not None else None
+        expected = shape if shape is not None else (total.shape if total is not None else None)
+        if array is None or not np.isfinite(array).all() or (expected is not None and array.shape != expected):
+            log.warning("%s release: %s sent no valid %r tensor; left out of the sum", mechanism, r.client, key)
+            continue
+        total = array if total is None else total + array
+        state.ledgers.setdefault(r.client, []).append(_ledger_line(0, mechanism, r, cfg.privacy.accountant))
     return total
+
+
+def prior_record(prior: CollaborativePrior) -> ArrayRecord:
+    """The prior as a message record (popularity, head, co-occurrence tensors)."""
+    return ArrayRecord(torch_state_dict={k: torch.from_numpy(v) for k, v in prior.tensors().items()})
 
 
 def _evaluate(
@@ -231,14 +273,14 @@ def _evaluate(
 ) -> dict[str, Any]:
     """Federated evaluation: each client scores its own users; means weighted by user count."""
     if betas is None:
-        tuned = PRIOR_WEIGHTS if cfg.prior.tune_weight else (cfg.prior.weight,)
-        betas = tuned if state.counts is not None else ()
+        tuned = BLEND_WEIGHTS if cfg.prior.tune_weight else (cfg.prior.weight,)
+        betas = tuned if state.prior is not None else ()
     config = ConfigRecord({"split": which})
     if betas:
-        config["betas"] = [float(b) for b in betas]
+        config["weights"] = [float(b) for b in betas]
     content = RecordDict({"arrays": to_record(current), "config": config})
-    if state.counts is not None:
-        content["prior"] = _counts_record(state.counts)
+    if state.prior is not None:
+        content["prior"] = prior_record(state.prior)
     messages = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
                 for n in _nodes(grid, cfg, num_clients)]
     pairs, _ = _parse(list(grid.send_and_receive(messages, timeout=cfg.fed.timeout)), None, -1)
@@ -257,10 +299,6 @@ def _evaluate(
     return {"users": users, "betas": list(betas) or [0.0], "metrics": metrics}
 
 
-def _counts_record(counts: np.ndarray) -> ArrayRecord:
-    return ArrayRecord(torch_state_dict={"counts": torch.from_numpy(counts.astype(np.float32))})
-
-
 def _best(evaluation: Mapping[str, Any], key: str) -> tuple[int, float]:
     values = evaluation["metrics"].get(key)
     if not values:
@@ -273,24 +311,30 @@ def _finish(
     run: RunDir, grid: Grid, cfg: Config, state: ServerState, current: Mapping[str, torch.Tensor],
     initial: Mapping[str, torch.Tensor], num_clients: int,
 ) -> dict[str, Any]:
-    """Test metrics at the β chosen on the last validation, the full adapter, the report."""
+    """Test metrics at the blend weight chosen on the last validation, the full adapter, the report."""
     key = f"ndcg@{cfg.eval.ks[0]}"
     evaluated = [r["valid"] for r in state.history if r["valid"]["metrics"]]
     last_valid: dict[str, Any] = evaluated[-1] if evaluated else {"metrics": {}, "betas": []}
     i, _ = _best(last_valid, key)
-    beta = float(last_valid["betas"][i]) if last_valid["betas"] else 0.0
-    betas = [beta, 0.0] if state.counts is not None else []
-    test = _evaluate(grid, cfg, current, state, which="test", num_clients=num_clients, betas=betas)
-    fused = {k: v[0] for k, v in test["metrics"].items()}
-    final: dict[str, Any] = {"test": fused, "prior_weight": beta if state.counts is not None else None,
-             "test_users": test["users"], "rounds": state.round}
-    if state.counts is not None:
-        final["test_llm_only"] = {k: v[1] for k, v in test["metrics"].items()}
+    weight = float(last_valid["betas"][i]) if last_valid["betas"] else 0.0
+    if state.prior is not None:  # the blend and CF alone (w = 0) in one pass, then the LLM alone
+        test = _evaluate(grid, cfg, current, state, which="test", num_clients=num_clients, betas=[weight, 0.0])
+        alone = _evaluate(grid, cfg, current, replace(state, prior=None), which="test", num_clients=num_clients)
+        final: dict[str, Any] = {
+            "test": {k: v[0] for k, v in test["metrics"].items()},
+            "test_cf_only": {k: v[1] for k, v in test["metrics"].items()},
+            "test_llm_only": {k: v[0] for k, v in alone["metrics"].items()},
+            "blend_weight": weight, "cf": {"beta": cfg.prior.beta, "shrink": cfg.prior.shrink},
+        }
+    else:
+        test = _evaluate(grid, cfg, current, state, which="test", num_clients=num_clients)
+        final = {"test": {k: v[0] for k, v in test["metrics"].items()}, "blend_weight": None}
+    final |= {"test_users": test["users"], "rounds": state.round}
     full = {**initial, **current}
     save_adapter(run.root / "final" / "adapter.safetensors", full,
                  {"run_id": state.run_id, "rounds": str(state.round), "variant": cfg.lora.variant})
-    if state.counts is not None:
-        save_prior_counts(run.root / "final", state.counts)
+    if state.prior is not None:
+        save_prior(run.root / "final", state.prior)
     run.write_json("final/metrics.json", final)
     return final
 
@@ -421,11 +465,9 @@ def _latest_round(ckpt: Path) -> int | None:
 
 def _read_state(path: Path, run_id: str) -> ServerState:
     doc = json.loads((path / "server.json").read_text())
-    counts = None
-    if (path / PRIOR_COUNTS).is_file():
-        counts = load_prior_counts(path / PRIOR_COUNTS)
+    prior = load_prior(path / PRIOR_FILE) if (path / PRIOR_FILE).is_file() else None
     return ServerState(run_id=run_id, round=doc["round"], history=doc["history"], ledgers=doc["ledgers"],
-                       counts=counts)
+                       prior=prior)
 
 
 def _checkpoint(root: Path, state: ServerState, current: Mapping[str, torch.Tensor],
@@ -438,8 +480,8 @@ def _checkpoint(root: Path, state: ServerState, current: Mapping[str, torch.Tens
     save_file({k: v.contiguous() for k, v in current.items()}, str(tmp / "adapter.safetensors"))
     save_file({k: v.contiguous() for k, v in strategy_tensors.items()} or {"none": torch.zeros(1)},
               str(tmp / "strategy.safetensors"))
-    if state.counts is not None:
-        save_prior_counts(tmp, state.counts)
+    if state.prior is not None:
+        save_prior(tmp, state.prior)
     doc = {"round": state.round, "run_id": state.run_id, "history": state.history, "ledgers": state.ledgers}
     (tmp / "server.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
     shutil.rmtree(final, ignore_errors=True)
@@ -458,9 +500,9 @@ def _write_records(run: RunDir, state: ServerState) -> None:
     for client, lines in state.ledgers.items():
         text = "".join(json.dumps(x, sort_keys=True) + "\n" for x in lines)
         run.write_text(f"ledgers/{client}.jsonl", text)
-    if state.round == 0 and state.counts is not None:  # the prior release survives a crash in round 1
+    if state.round == 0 and state.prior is not None:  # the prior release survives a crash in round 1
         ckpt = run.root / "checkpoints" / "round-0"
-        save_prior_counts(ckpt, state.counts)
+        save_prior(ckpt, state.prior)
         doc = {"round": 0, "run_id": state.run_id, "history": [], "ledgers": state.ledgers}
         (ckpt / "server.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
 

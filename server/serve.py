@@ -74,8 +74,14 @@ class ItemOut(BaseModel):
     title: str
 
 
+class ReasonOut(ItemOut):
+    weight: float = Field(description="this history item's share of the recommended item's score")
+
+
 class ScoredOut(ItemOut):
     score: float
+    because: list[ReasonOut] = Field(default_factory=list,
+                                     description="the history items that contributed most (\"because you liked ...\")")
 
 
 class RecommendResponse(BaseModel):

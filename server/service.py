@@ -1,8 +1,11 @@
 """The recommendation service without HTTP: a run directory loaded once; requests resolved, scored, ranked.
 
-Ranking is the evaluation's (common/evaluation.py): the user tower encodes the titles of the
-most recent `data.max_history` items (and the user's own words, if given), score = cosine / τ
-+ β·log(1 + noisy count) with the β chosen on validation, items of the history excluded.
+Ranking is the evaluation's (common/evaluation.py): score = CF + w·LLM, CF from the run's private
+prior (co-occurrence of the user's history items with every head item, plus β·log popularity),
+LLM the cosine of the pooled vectors of the user's `data.max_history` most recent items (and of
+the user's own words, encoded with the item prompt) with every item vector, w chosen on
+validation; items of the history excluded. Item vectors are computed once at start-up, so a warm
+user costs one matrix–vector product; only a text query runs the LM (one short prompt).
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from fedrec.common.assets import resolve_dataset, sha256_file
 from fedrec.common.config import Config, from_dict
 from fedrec.common.data import Dataset, load_dataset
 from fedrec.common.errors import ConfigError, DataError, RequestError
-from fedrec.common.evaluation import prior_scores
-from fedrec.common.lora import adapter_state, load_adapter, read_adapter, tensors_digest
-from fedrec.common.model import Loaded, Recommender, build_recommender, item_vectors_cached
-from fedrec.common.rundir import PRIOR_COUNTS, load_prior_counts, read_jsonl
+from fedrec.common.lora import load_adapter, read_adapter
+from fedrec.common.prior import PRIOR_FILE, CollaborativePrior, history_matrix, load_prior
+from fedrec.common.recommender import ItemEncoder, Loaded, build_recommender, catalogue_cached, item_vectors
+from fedrec.common.rundir import read_jsonl
 from safetensors import safe_open
 
 log = logging.getLogger(__name__)
@@ -44,14 +47,12 @@ class ServeSettings:
     method: str | None = None  # central runs: the method whose adapter is served
     data: str | None = None  # catalogue to rank (a data set directory); None: the run's data set
     device: str | None = None  # None: the run's model.device
-    # Fold LoRA into the base weights for inference. Off by default: on the 2-core CPU it was not
-    # faster (benchmarks/README.md), and unmerged the user tower is evaluation's very computation.
+    # Kept for the command line: item vectors are computed once with the adapter applied, so
+    # folding LoRA into the weights changes nothing at request time.
     merge: bool = False
-    # Prompts per forward pass; a micro-batch is sorted by length and cut into passes of this
-    # size. None: 8 on CPU (1.39x the requests/s of one prompt per pass at 32 clients in the
-    # committed benchmark run, though slower when the CPU was oversubscribed; benchmarks/README.md)
-    # and 32 on a GPU (not measured: no GPU was available).
+    # Text queries per forward pass of the LM (warm users need none). None: 8 on CPU, 32 on a GPU.
     encode_batch: int | None = None
+    reasons: int = 3  # history items named per recommended item ("because you liked ...")
     max_history: int = 200  # history entries accepted per request (the model reads the most recent)
     max_k: int = 100
     max_text_chars: int = 2000
@@ -73,7 +74,7 @@ class RunArtifacts:
     provenance: dict[str, Any]
     method: str | None  # None: a federated run
     adapter: Path
-    counts: Path | None
+    prior: Path | None
     metrics: dict[str, Any]
     ledgers: tuple[Path, ...]
 
@@ -89,10 +90,18 @@ class Query:
 
 
 @dataclass(frozen=True)
+class Reason:
+    item_id: str
+    title: str
+    weight: float  # this history item's share of the recommended item's score
+
+
+@dataclass(frozen=True)
 class Scored:
     item_id: str
     title: str
     score: float
+    because: tuple[Reason, ...] = ()
 
 
 # --- the run directory -----------------------------------------------------------------------
@@ -116,11 +125,11 @@ def locate_run(root: Path, method: str | None = None) -> RunArtifacts:
         raise ConfigError(f"--method {method}: {final / 'adapter.safetensors'} does not exist")
     metrics_path = final / "metrics.json"
     metrics = _read_json(metrics_path) if metrics_path.is_file() else {}
-    counts = final / PRIOR_COUNTS
+    prior = final / PRIOR_FILE
     ledgers = sorted((root / "ledgers").glob("*.jsonl")) if method is None \
         else [p for p in [root / "ledgers" / f"{method}.jsonl"] if p.is_file()]
     return RunArtifacts(root, config, provenance, method, final / "adapter.safetensors",
-                        counts if counts.is_file() else None, metrics, tuple(ledgers))
+                        prior if prior.is_file() else None, metrics, tuple(ledgers))
 
 
 def _read_config(path: Path) -> tuple[Config, dict[str, Any]]:
@@ -165,20 +174,29 @@ class RecommenderService:
     """A loaded recommender over a catalogue: resolves requests and returns the top K."""
 
     def __init__(
-        self, *, rec: Recommender, dataset: Dataset, item_vectors: torch.Tensor, prior: np.ndarray | None,
-        max_history: int, settings: ServeSettings, info: dict[str, Any],
+        self, *, encoder: ItemEncoder, dataset: Dataset, vectors: torch.Tensor, text_center: torch.Tensor,
+        prior: CollaborativePrior | None, weight: float, cf: tuple[float, float], max_history: int,
+        settings: ServeSettings, info: dict[str, Any],
     ) -> None:
-        self.rec = rec
+        self.encoder = encoder
         self.dataset = dataset
-        self.items = item_vectors.to(rec.device)  # (I, H)
-        self.prior = None if prior is None else torch.from_numpy(prior).to(rec.device)  # (I,) float64
-        self.max_history = max_history  # what the user tower reads, as in evaluation
+        self.vectors = vectors.double()  # (I, H) centred, normalised item vectors
+        self.text_center = text_center  # (H,) the catalogue mean the item vectors were centred by
+        self.prior = prior
+        self.weight = weight  # w in CF + w·LLM; 1.0 (LLM alone) without a prior
+        beta, shrink = cf
+        self.similarity = torch.from_numpy(prior.similarity(shrink=shrink)) if prior is not None else None
+        self.popularity: torch.Tensor | None = None  # (I,) the popularity part of CF, as cf_scores
+        if prior is not None:
+            scale = beta if prior.cooccurrence is not None else 1.0
+            self.popularity = torch.from_numpy(scale * prior.popularity_scores())
+        self.max_history = max_history  # history items pooled into the user vector, as in evaluation
         self.settings = settings
         self.info = info
         self._ids = {item_id: row for row, item_id in enumerate(dataset.item_ids)}
         self._titles = _title_index(dataset.item_titles, strip_year=False)
         self._short_titles = _title_index(dataset.item_titles, strip_year=True)
-        self.encode_batch = settings.encode_batch or (8 if rec.device.type == "cpu" else 32)
+        self.encode_batch = settings.encode_batch or (8 if encoder.device.type == "cpu" else 32)
 
     @property
     def num_items(self) -> int:
@@ -240,31 +258,79 @@ class RecommenderService:
     # --- scoring -----------------------------------------------------------------------------
     @torch.no_grad()
     def recommend(self, queries: Sequence[Query]) -> list[list[Scored]]:
-        """The top K of each query, scored in one batch through the user tower."""
-        titles = [[self.dataset.item_titles[i] for i in q.history[-self.max_history :]] for q in queries]
-        users = self._encode([self.rec.user_ids(t, q.text) for t, q in zip(titles, queries, strict=True)])
-        scores = self.rec.logits(users, self.items).double()  # (B, I), as evaluation adds in float64
-        if self.prior is not None:
-            scores = scores + self.prior[None, :]
+        """The top K of each query with its reasons; text queries share one pass of the LM."""
+        texts = self._texts([q.text for q in queries])
         out = []
-        for row, q in enumerate(queries):
+        for q, text in zip(queries, texts, strict=True):
+            llm, recent, norm = self._llm(q.history, text)
+            cf, cf_parts = self._cf(q.history)
+            scores = cf + self.weight * llm if self.prior is not None else llm
             if q.exclude_seen and q.history:
-                scores[row, list(q.history)] = -torch.inf
+                scores[list(q.history)] = -torch.inf
             available = self.num_items - (len(set(q.history)) if q.exclude_seen else 0)
-            top = torch.topk(scores[row], k=min(q.k, available))
-            out.append([Scored(self.dataset.item_ids[i], self.dataset.item_titles[i], float(v))
-                        for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)])
+            top = torch.topk(scores, k=min(q.k, available))
+            rows = top.indices.tolist()
+            because = self._reasons(rows, recent, norm, cf_parts)
+            out.append([Scored(self.dataset.item_ids[i], self.dataset.item_titles[i], float(v), b)
+                        for v, i, b in zip(top.values.tolist(), rows, because, strict=True)])
         return out
 
-    def _encode(self, sequences: list[list[int]]) -> torch.Tensor:
-        """(B, H) user vectors; passes of similar-length prompts, results in request order."""
-        order = sorted(range(len(sequences)), key=lambda n: len(sequences[n]))
-        step = self.encode_batch
-        parts = [(rows, self.rec.encode_ids([sequences[r] for r in rows]))
-                 for rows in (order[i : i + step] for i in range(0, len(order), step))]
-        out = torch.empty((len(sequences), parts[0][1].shape[1]), device=parts[0][1].device)
-        for rows, vectors in parts:
-            out[rows] = vectors
+    def _texts(self, texts: Sequence[str | None]) -> list[torch.Tensor | None]:
+        """(H,) vector of each text (None where there is none), in the items' centred space."""
+        todo = [n for n, t in enumerate(texts) if t]
+        out: list[torch.Tensor | None] = [None] * len(texts)
+        for start in range(0, len(todo), self.encode_batch):
+            rows = todo[start : start + self.encode_batch]
+            states = self.encoder.encode_text([str(texts[r]) for r in rows]).cpu().double()
+            for r, v in zip(rows, torch.nn.functional.normalize(states - self.text_center, dim=-1), strict=True):
+                out[r] = v
+        return out
+
+    def _llm(self, history: Sequence[int], text: torch.Tensor | None) -> tuple[torch.Tensor, list[int], float]:
+        """(I,) cosine of the pooled recent history (+ the text) with every item; the rows pooled
+        and the norm of their pooled vector."""
+        recent = list(dict.fromkeys(history[-self.max_history :]))
+        pooled = self.vectors[recent].mean(dim=0) if recent else torch.zeros(self.vectors.shape[1], dtype=torch.double)
+        if text is not None:
+            pooled = pooled + text
+        norm = float(pooled.norm())
+        if norm == 0:
+            return torch.zeros(self.num_items, dtype=torch.double), recent, 1.0
+        return self.vectors @ (pooled / norm), recent, norm
+
+    def _cf(self, history: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(I,) CF score and (n_head_history, M) the per-history-item parts (for reasons)."""
+        if self.prior is None:
+            return torch.zeros(self.num_items, dtype=torch.double), None
+        scores = self.popularity.clone() if self.popularity is not None else torch.zeros(self.num_items)
+        if self.similarity is None or not len(self.prior.head) or not history:
+            return scores.double(), None
+        weights = torch.from_numpy(history_matrix([history], self.prior.head)[0])  # (M,)
+        parts = weights[:, None] * self.similarity  # (M, M): history item j's share of head item i
+        scores[torch.from_numpy(self.prior.head)] += parts.sum(dim=0)
+        return scores.double(), parts
+
+    def _reasons(self, rows: Sequence[int], recent: Sequence[int], norm: float,
+                 cf_parts: torch.Tensor | None) -> list[tuple[Reason, ...]]:
+        """For each recommended row: the history items that contributed most to its score."""
+        if not self.settings.reasons or not recent:
+            return [() for _ in rows]
+        hist = list(recent)
+        share = self.vectors[hist] @ self.vectors[list(rows)].T / (len(hist) * norm)  # (n, K) LLM shares
+        if self.prior is not None:
+            share = share * self.weight
+        if cf_parts is not None and self.prior is not None:
+            position = {int(h): i for i, h in enumerate(self.prior.head)}
+            for c, row in enumerate(rows):
+                if row in position:
+                    for n, j in enumerate(hist):
+                        if j in position:
+                            share[n, c] += cf_parts[position[j], position[row]]
+        out = []
+        for c in range(len(rows)):
+            best = torch.argsort(share[:, c], descending=True)[: self.settings.reasons].tolist()
+            out.append(tuple(Reason(self.dataset.item_ids[hist[n]], self.dataset.item_titles[hist[n]],
+                                    round(float(share[n, c]), 4)) for n in best if share[n, c] > 0))
         return out
 
 
@@ -289,7 +355,7 @@ def _title_index(titles: Sequence[str], *, strip_year: bool) -> dict[str, list[i
 def load_service(
     root: Path, settings: ServeSettings, *, cache_dir: Path, offline: bool
 ) -> RecommenderService:
-    """Load a run directory once: base model + final adapter, catalogue vectors, prior."""
+    """Load a run directory once: base model + final adapter, item vectors, the private prior."""
     run = locate_run(root, settings.method)
     cfg = run.config
     if settings.device is not None:
@@ -297,20 +363,23 @@ def load_service(
     dataset = _catalogue(settings.data or cfg.data.dataset, cfg, cache_dir=cache_dir, offline=offline)
     loaded = build_recommender(cfg, cache_dir=cache_dir, offline=offline)
     _check_base(run, loaded)
-    load_adapter(loaded.rec.model, read_adapter(run.adapter), source=str(run.adapter))  # type: ignore[arg-type]
-    digest = tensors_digest(adapter_state(loaded.rec.model))  # type: ignore[arg-type]
-    # Vectors come from the adapted model unmerged, like evaluation's (and share its cache);
-    # items added to the catalogue since training are encoded here from their text.
-    vectors = item_vectors_cached(loaded.rec, dataset.item_texts, cache_dir=cache_dir,
-                                  model_fingerprint=loaded.base.fingerprint, adapter_digest=digest,
-                                  batch_size=cfg.eval.batch_size)
-    rec = _merged(loaded, cfg) if settings.merge else loaded.rec
-    rec.model.eval()
-    prior, beta = _prior(run, len(dataset.item_ids))
-    info = _model_info(run, cfg, loaded, dataset, beta, merged=settings.merge)
-    log.info("serving %s: %s on %s, %d items, prior β=%s", root, cfg.model.name, rec.device,
-             len(dataset.item_ids), beta)
-    return RecommenderService(rec=rec, dataset=dataset, item_vectors=vectors, prior=prior,
+    load_adapter(loaded.model, read_adapter(run.adapter), source=str(run.adapter))
+    loaded.model.eval()
+    # The frozen part is shared with evaluation's cache; items added to the catalogue since
+    # training are encoded here from their text, once.
+    catalogue = catalogue_cached(loaded.encoder, dataset.item_texts, cache_dir=cache_dir,
+                                 model_fingerprint=loaded.base.fingerprint, batch_size=cfg.eval.batch_size)
+    with torch.no_grad():
+        states = loaded.encoder.states(catalogue).cpu()
+    prior, weight = _prior(run, len(dataset.item_ids))
+    cf = run.metrics.get("cf") or {}
+    cf_settings = (float(cf.get("beta", cfg.prior.beta)), float(cf.get("shrink", cfg.prior.shrink)))
+    info = _model_info(run, cfg, loaded, dataset, weight, merged=settings.merge)
+    log.info("serving %s: %s on %s, %d items, blend weight w=%s", root, cfg.model.name, loaded.encoder.device,
+             len(dataset.item_ids), weight)
+    return RecommenderService(encoder=loaded.encoder, dataset=dataset, vectors=item_vectors(states),
+                              text_center=states.mean(dim=0).double(), prior=prior,
+                              weight=weight if weight is not None else 1.0, cf=cf_settings,
                               max_history=cfg.data.max_history, settings=settings, info=info)
 
 
@@ -328,35 +397,29 @@ def _check_base(run: RunArtifacts, loaded: Loaded) -> None:
                           "serve it with the model it was trained on")
 
 
-def _merged(loaded: Loaded, cfg: Config) -> Recommender:
-    """The recommender over base weights with LoRA folded in (W + BA·α/r): no adapter matmuls."""
-    model = loaded.rec.model.merge_and_unload()  # type: ignore[operator]
-    return Recommender(model, loaded.base.tokenizer, max_item_tokens=cfg.model.max_item_tokens,
-                       max_history_tokens=cfg.model.max_history_tokens, temperature=cfg.train.temperature)
-
-
-def _prior(run: RunArtifacts, num_items: int) -> tuple[np.ndarray | None, float | None]:
-    """β·log(1 + count) per catalogue row, with the β of the run's final metrics."""
-    beta = run.metrics.get("prior_weight")
-    if beta is None:
+def _prior(run: RunArtifacts, num_items: int) -> tuple[CollaborativePrior | None, float | None]:
+    """The run's private prior (extended with zeros for items appended since) and its blend weight."""
+    weight = run.metrics.get("blend_weight")
+    if weight is None:
         return None, None
-    if run.counts is None:
-        log.warning("%s chose prior weight β=%s but holds no prior_counts.safetensors; serving the "
-                    "LLM score alone", run.root, beta)
+    if run.prior is None:
+        log.warning("%s chose blend weight w=%s but holds no %s; serving the LLM score alone",
+                    run.root, weight, PRIOR_FILE)
         return None, None
-    counts = load_prior_counts(run.counts)
-    if len(counts) > num_items:
-        raise DataError(f"{run.counts} has counts for {len(counts)} items but the catalogue has "
+    prior = load_prior(run.prior)
+    if prior.num_items > num_items:
+        raise DataError(f"{run.prior} has statistics for {prior.num_items} items but the catalogue has "
                         f"{num_items}; items may be added at the end of the item file, not removed")
-    if len(counts) < num_items:  # new items, appended to the item file: no popularity yet
-        log.info("%d catalogue items are newer than the run: no popularity prior for them",
-                 num_items - len(counts))
-        counts = np.concatenate([counts, np.zeros(num_items - len(counts))])
-    return prior_scores(counts, float(beta)), float(beta)
+    if prior.num_items < num_items:  # new items, appended to the item file: no collaborative data yet
+        log.info("%d catalogue items are newer than the run: no collaborative prior for them",
+                 num_items - prior.num_items)
+        prior = CollaborativePrior(np.concatenate([prior.popularity, np.zeros(num_items - prior.num_items)]),
+                                   prior.head, prior.cooccurrence)
+    return prior, float(weight)
 
 
 def _model_info(
-    run: RunArtifacts, cfg: Config, loaded: Loaded, dataset: Dataset, beta: float | None, *, merged: bool,
+    run: RunArtifacts, cfg: Config, loaded: Loaded, dataset: Dataset, weight: float | None, *, merged: bool,
 ) -> dict[str, Any]:
     with safe_open(str(run.adapter), framework="pt") as fh:
         metadata = dict(fh.metadata() or {})
@@ -370,7 +433,7 @@ def _model_info(
         "adapter_metadata": metadata, "lora_merged": merged,
         "rounds": run.metrics.get("rounds", _int_or_none(metadata.get("rounds"))),
         "dataset": {"name": dataset.name, "source": cfg.data.dataset, "items": len(dataset.item_ids)},
-        "prior_weight": beta, "test_metrics": run.metrics.get("test"),
+        "blend_weight": weight, "test_metrics": run.metrics.get("test"),
         "epsilon": {"per_party": ledgers, "max": max(epsilons) if epsilons else None},
     }
 

@@ -11,38 +11,44 @@ from typing import Any
 
 import numpy as np
 import torch
-from fedrec.client.train import DPSettings, LocalTrainer, steps_for_epochs
+from fedrec.client.train import (
+    DPSettings,
+    LocalTrainer,
+    entropy_seed,
+    objective,
+    residual_cf,
+    steps_for_epochs,
+)
 from fedrec.common.assets import resolve_dataset
 from fedrec.common.config import Config
 from fedrec.common.data import Dataset, Split, leave_one_out, load_dataset, sample_users
 from fedrec.common.errors import ConfigError
 from fedrec.common.evaluation import (
-    PRIOR_WEIGHTS,
+    BLEND_WEIGHTS,
+    CFSettings,
     EvalUsers,
+    best_weight,
+    blend,
+    catalogue_vectors,
+    cf_scores,
     eval_users,
     evaluate,
+    evaluate_blends,
     llm_scores,
-    popularity_counts,
-    prior_scores,
 )
-from fedrec.common.lora import (
-    adapter_state,
-    attach_lora,
-    frozen_layer_count,
-    load_adapter,
-    save_adapter,
-    tensors_digest,
+from fedrec.common.lora import adapter_state, load_adapter, save_adapter
+from fedrec.common.prior import (
+    MECHANISM_COOCCURRENCE,
+    MECHANISM_POPULARITY,
+    CollaborativePrior,
+    exact_prior,
+    plan_releases,
+    private_prior,
+    save_prior,
 )
-from fedrec.common.model import BaseModel, Recommender, item_vectors_cached, load_base_model, pick_device
-from fedrec.common.privacy import (
-    PrivacyAccountant,
-    calibrate_noise,
-    check_delta,
-    default_delta,
-    prior_noise,
-    private_counts,
-)
-from fedrec.common.rundir import RunDir, save_prior_counts
+from fedrec.common.privacy import PrivacyAccountant, calibrate_noise, check_delta, default_delta
+from fedrec.common.recommender import Catalogue, Loaded, build_recommender, catalogue_cached
+from fedrec.common.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +72,31 @@ class Context:
     valid: EvalUsers
     test: EvalUsers
     delta: float
-    base: BaseModel | None = None
-    rec: Recommender | None = None
-    init_adapter: dict[str, torch.Tensor] = field(default_factory=dict)
+    loaded: Loaded | None = None
+    catalogue: Catalogue | None = None
     ledger_rounds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.dataset.item_ids)
+
+    @property
+    def histories(self) -> list[tuple[int, ...]]:
+        return [tuple(self.split.train[u]) for u in self.users]
+
+    @property
+    def cf(self) -> CFSettings:
+        return CFSettings(beta=self.cfg.prior.beta, shrink=self.cfg.prior.shrink)
 
 
 # --- data ----------------------------------------------------------------------------------
 
 
 def prepare(cfg: Config, sources: Sources, run: RunDir) -> Context:
-    """Load and split the data set, sample users for a reduced scale, fix δ."""
+    """Load and split the data set (optionally sample users), fix δ."""
     path = resolve_dataset(cfg.data.dataset, cache_dir=sources.cache_dir, offline=sources.offline)
     dataset = load_dataset(path, fmt=cfg.data.format, rating_threshold=cfg.data.rating_threshold)
-    split = leave_one_out(dataset)
-    split = sample_users(split, cfg.data.max_users, cfg.train.seed)
+    split = sample_users(leave_one_out(dataset), cfg.data.max_users, cfg.train.seed)
     users = sorted(split.train)
     delta = cfg.privacy.delta if cfg.privacy.delta is not None else default_delta(len(users))
     check_delta(delta, len(users))
@@ -91,75 +107,106 @@ def prepare(cfg: Config, sources: Sources, run: RunDir) -> Context:
     )
 
 
-# --- methods -------------------------------------------------------------------------------
+# --- the collaborative methods -------------------------------------------------------------
 
 
 def run_popularity(ctx: Context) -> list[dict[str, Any]]:
-    counts = popularity_counts(ctx.dataset, ctx.split)
-    metrics = evaluate(None, ctx.test, prior=prior_scores(counts, 1.0), ks=ctx.cfg.eval.ks)
+    prior = exact_prior(ctx.histories, num_items=ctx.num_items, head_size=0)
+    metrics = evaluate(cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf), ctx.test, ks=ctx.cfg.eval.ks)
     return [_row(ctx, "popularity", metrics, epsilon=None, seconds=0.0)]
-
-
-def dp_counts(ctx: Context, accountant: PrivacyAccountant, ledger: str) -> np.ndarray:
-    """Popularity released under the Gaussian mechanism, recorded in `accountant` and the ledger."""
-    p = ctx.cfg.prior
-    sigma = prior_noise(target_epsilon=ctx.cfg.privacy.target_epsilon, delta=ctx.delta, share=p.budget_share,
-                        fixed=p.noise_multiplier, accountant=ctx.cfg.privacy.accountant)
-    rng = np.random.default_rng(ctx.cfg.train.seed + 1)
-    contributions = [np.unique(np.asarray(ctx.split.train[u], dtype=np.int64)) for u in ctx.users]
-    counts = private_counts(
-        contributions, num_items=len(ctx.dataset.item_ids), clip_norm=p.clip_norm,
-        noise_multiplier=sigma, rng=rng,
-    )
-    accountant.step(noise_multiplier=sigma, sample_rate=1.0, steps=1)
-    _ledger(ctx, ledger, accountant, "prior-counts", sigma, 1.0, 1, p.clip_norm)
-    return counts
 
 
 def run_dp_popularity(ctx: Context) -> list[dict[str, Any]]:
     accountant = PrivacyAccountant(accountant=ctx.cfg.privacy.accountant)
-    counts = dp_counts(ctx, accountant, "dp-popularity")
-    metrics = evaluate(None, ctx.test, prior=prior_scores(counts, 1.0), ks=ctx.cfg.eval.ks)
+    prior = release_prior(ctx, accountant, "dp-popularity", share=1.0, cooccurrence=False)
+    metrics = evaluate(cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf), ctx.test, ks=ctx.cfg.eval.ks)
     return [_row(ctx, "dp-popularity", metrics, epsilon=accountant.epsilon(ctx.delta), seconds=0.0)]
 
 
+def run_itemknn(ctx: Context) -> list[dict[str, Any]]:
+    """Non-private item-kNN: exact co-occurrence over the whole catalogue, the same scorer."""
+    prior = exact_prior(ctx.histories, num_items=ctx.num_items, head_size=ctx.num_items,
+                        clip=ctx.cfg.prior.clip_norm)
+    metrics = evaluate(cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf), ctx.test, ks=ctx.cfg.eval.ks)
+    return [_row(ctx, "itemknn", metrics, epsilon=None, seconds=0.0)]
+
+
+def run_dp_cooccurrence(ctx: Context) -> list[dict[str, Any]]:
+    """CF only: popularity and co-occurrence released with the whole ε."""
+    accountant = PrivacyAccountant(accountant=ctx.cfg.privacy.accountant)
+    t0 = time.perf_counter()
+    prior = release_prior(ctx, accountant, "dp-cooccurrence", share=1.0, cooccurrence=True)
+    metrics = evaluate(cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf), ctx.test, ks=ctx.cfg.eval.ks)
+    save_prior(ctx.run.root / "dp-cooccurrence" / "final", prior)
+    return [_row(ctx, "dp-cooccurrence", metrics, epsilon=accountant.epsilon(ctx.delta),
+                 seconds=time.perf_counter() - t0)]
+
+
+def release_prior(ctx: Context, accountant: PrivacyAccountant, ledger: str, *, share: float,
+                  cooccurrence: bool) -> CollaborativePrior:
+    """The private releases, recorded in `accountant` and the ledger (noise from OS entropy)."""
+    p = ctx.cfg.prior
+    plan = plan_releases(epsilon=ctx.cfg.privacy.target_epsilon, delta=ctx.delta, share=share,
+                         popularity_share=p.popularity_share, cooccurrence=cooccurrence,
+                         accountant=ctx.cfg.privacy.accountant, fixed_sigma=p.noise_multiplier)
+    rng = np.random.default_rng(entropy_seed())
+    prior = private_prior(ctx.histories, num_items=ctx.num_items, plan=plan, head_size=p.head_size,
+                          clip=p.clip_norm, rng=rng)
+    for step, mechanism in zip(plan.steps, (MECHANISM_POPULARITY, MECHANISM_COOCCURRENCE), strict=False):
+        accountant.step(noise_multiplier=step.noise_multiplier, sample_rate=1.0, steps=1)
+        _ledger(ctx, ledger, accountant, mechanism, step.noise_multiplier, 1.0, 1, p.clip_norm)
+    return prior
+
+
+# --- the LLM methods -----------------------------------------------------------------------
+
+
 def run_zero_shot(ctx: Context) -> list[dict[str, Any]]:
-    rec = _recommender(ctx)
-    metrics = _llm_eval(ctx, rec, ctx.test, prior=None)
+    loaded = _recommender(ctx)
+    vectors = catalogue_vectors(loaded.encoder, _catalogue(ctx))
+    metrics = evaluate(llm_scores(vectors, ctx.test.histories, window=ctx.cfg.data.max_history), ctx.test,
+                       ks=ctx.cfg.eval.ks)
     return [_row(ctx, "zero-shot", metrics, epsilon=None, seconds=0.0)]
 
 
 def run_central_lora(ctx: Context) -> list[dict[str, Any]]:
-    rec = _recommender(ctx)
-    trainer = _trainer(ctx, rec, dp=None, accountant=None)
-    seconds = _train(ctx, trainer, "central-lora", accountant=None)
-    counts = popularity_counts(ctx.dataset, ctx.split)
-    return _fused_rows(ctx, rec, "central-lora", counts, epsilon=None, seconds=seconds)
+    loaded = _recommender(ctx)
+    prior = exact_prior(ctx.histories, num_items=ctx.num_items, head_size=ctx.cfg.prior.head_size,
+                        clip=ctx.cfg.prior.clip_norm) if ctx.cfg.prior.enabled else None
+    trainer = _trainer(ctx, loaded, prior, dp=None, accountant=None)
+    seconds = _train(ctx, trainer, "central-lora", accountant=None,
+                     steps=steps_for_epochs(ctx.cfg.train.epochs, trainer.sample_rate))
+    return _fused_rows(ctx, "central-lora", prior, epsilon=None, seconds=seconds)
 
 
 def run_central_dp_lora(ctx: Context) -> list[dict[str, Any]]:
     cfg = ctx.cfg
     accountant = PrivacyAccountant(accountant=cfg.privacy.accountant)
-    counts = dp_counts(ctx, accountant, "central-dp-lora") if cfg.prior.enabled else None
-    q = min(1.0, cfg.train.batch_size / len(ctx.users))
-    steps = steps_for_epochs(cfg.train.epochs, q)
+    prior = None
+    if cfg.prior.enabled:
+        prior = release_prior(ctx, accountant, "central-dp-lora", share=cfg.prior.budget_share,
+                              cooccurrence=cfg.prior.cooccurrence)
+    q = cfg.train.sample_rate
+    steps = steps_for_epochs(cfg.train.dp_epochs, q)
     sigma = calibrate_noise(
         target_epsilon=cfg.privacy.target_epsilon, delta=ctx.delta, sample_rate=q, steps=steps,
         prior=accountant.history, accountant=cfg.privacy.accountant,
     )
     log.info("DP-SGD: q=%.4f steps=%d σ=%.3f (ε target %.2f, δ=%.2e)", q, steps, sigma,
              cfg.privacy.target_epsilon, ctx.delta)
-    rec = _recommender(ctx)
-    dp = DPSettings(sigma, cfg.privacy.clip_norm, q, cfg.privacy.secure_rng)
-    trainer = _trainer(ctx, rec, dp=dp, accountant=accountant)
+    loaded = _recommender(ctx)
+    dp = DPSettings(sigma, cfg.privacy.clip_norm, q, normaliser=cfg.train.batch_size,
+                    secure_rng=cfg.privacy.secure_rng)
+    trainer = _trainer(ctx, loaded, prior, dp=dp, accountant=accountant)
     seconds = _train(ctx, trainer, "central-dp-lora", accountant=accountant, steps=steps)
-    eps = accountant.epsilon(ctx.delta)
-    return _fused_rows(ctx, rec, "central-dp-lora", counts, epsilon=eps, seconds=seconds)
+    return _fused_rows(ctx, "central-dp-lora", prior, epsilon=accountant.epsilon(ctx.delta), seconds=seconds)
 
 
 METHODS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "popularity": run_popularity,
     "dp-popularity": run_dp_popularity,
+    "itemknn": run_itemknn,
+    "dp-cooccurrence": run_dp_cooccurrence,
     "zero-shot": run_zero_shot,
     "central-lora": run_central_lora,
     "central-dp-lora": run_central_dp_lora,
@@ -178,8 +225,8 @@ def run_central(cfg: Config, out: Path, sources: Sources) -> list[dict[str, Any]
         rows.extend(METHODS[method](ctx))
         run.write_json("results.json", {"rows": rows})
     provenance = {"dataset": ctx.dataset.name, "users": len(ctx.users), "delta": ctx.delta}
-    if ctx.base is not None:
-        provenance |= {"model_source": ctx.base.source, "model_sha256": ctx.base.fingerprint}
+    if ctx.loaded is not None:
+        provenance |= {"model_source": ctx.loaded.base.source, "model_sha256": ctx.loaded.base.fingerprint}
     run.write_config(cfg, provenance)
     run.write_text("report.md", results_table(rows))
     return rows
@@ -188,62 +235,57 @@ def run_central(cfg: Config, out: Path, sources: Sources) -> list[dict[str, Any]
 # --- helpers -------------------------------------------------------------------------------
 
 
-def _recommender(ctx: Context) -> Recommender:
-    """The LoRA-adapted model, reset to its initial (zero-effect) adapter for each method."""
-    if ctx.rec is None:
-        cfg = ctx.cfg
-        base = load_base_model(cfg.model, cache_dir=ctx.sources.cache_dir, offline=ctx.sources.offline)
-        model = attach_lora(base.model, cfg.lora, seed=cfg.train.seed).to(pick_device(cfg.model.device))
-        ctx.base = base
-        ctx.rec = Recommender(
-            model, base.tokenizer, max_item_tokens=cfg.model.max_item_tokens,
-            max_history_tokens=cfg.model.max_history_tokens, temperature=cfg.train.temperature,
-            frozen_layers=frozen_layer_count(base.model, cfg.lora),
-        )
-        ctx.init_adapter = adapter_state(model)
-    load_adapter(ctx.rec.model, ctx.init_adapter, source="initial adapter")  # type: ignore[arg-type]
-    return ctx.rec
+def _recommender(ctx: Context) -> Loaded:
+    """The LoRA-adapted encoder, reset to its initial (zero-effect) adapter for each method."""
+    if ctx.loaded is None:
+        ctx.loaded = build_recommender(ctx.cfg, cache_dir=ctx.sources.cache_dir, offline=ctx.sources.offline)
+    load_adapter(ctx.loaded.model, ctx.loaded.initial_adapter, source="initial adapter")
+    return ctx.loaded
 
 
-def _trainer(
-    ctx: Context, rec: Recommender, *, dp: DPSettings | None, accountant: PrivacyAccountant | None
-) -> LocalTrainer:
+def _catalogue(ctx: Context) -> Catalogue:
+    if ctx.catalogue is None:
+        loaded = _recommender(ctx)
+        ctx.catalogue = catalogue_cached(loaded.encoder, ctx.dataset.item_texts, cache_dir=ctx.sources.cache_dir,
+                                         model_fingerprint=loaded.base.fingerprint,
+                                         batch_size=ctx.cfg.eval.batch_size)
+    return ctx.catalogue
+
+
+def _trainer(ctx: Context, loaded: Loaded, prior: CollaborativePrior | None, *, dp: DPSettings | None,
+             accountant: PrivacyAccountant | None) -> LocalTrainer:
     cfg = ctx.cfg
     return LocalTrainer(
-        rec, item_titles=ctx.dataset.item_titles, item_texts=ctx.dataset.item_texts,
-        sequences={u: ctx.split.train[u] for u in ctx.users}, lr=cfg.train.lr,
-        batch_size=cfg.train.batch_size, max_history=cfg.data.max_history,
-        negatives=cfg.train.negatives, seed=cfg.train.seed, dp=dp, accountant=accountant,
+        loaded.encoder, _catalogue(ctx), {u: ctx.split.train[u] for u in ctx.users},
+        lr=cfg.train.dp_lr if dp else cfg.train.lr, batch_size=cfg.train.batch_size, objective=objective(cfg),
+        residual=residual_cf(prior, cfg), dp=dp, accountant=accountant,
+        seed=None if dp else cfg.train.seed,
     )
 
 
-def _train(
-    ctx: Context, trainer: LocalTrainer, method: str, *, accountant: PrivacyAccountant | None,
-    steps: int | None = None,
-) -> float:
-    """Train in one-epoch rounds, one rounds.jsonl line (and ledger line) each; returns seconds."""
-    total = steps if steps is not None else steps_for_epochs(ctx.cfg.train.epochs, trainer.sample_rate)
+def _train(ctx: Context, trainer: LocalTrainer, method: str, *, accountant: PrivacyAccountant | None,
+           steps: int) -> float:
+    """Train in rounds of one expected pass, one rounds.jsonl line (and ledger line) each; seconds."""
     per_round = steps_for_epochs(1.0, trainer.sample_rate)
     start, done, rnd = time.perf_counter(), 0, 0
-    while done < total:
-        n = min(per_round, total - done)
+    while done < steps:
+        n = min(per_round, steps - done)
         t0 = time.perf_counter()
         result = trainer.run(n, desc=f"{method} round {rnd + 1}")
         done, rnd = done + n, rnd + 1
-        record: dict[str, Any] = {
-            "round": rnd, "steps": n, "loss": result.mean_loss, "users": result.users_seen,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
+        record: dict[str, Any] = {"round": rnd, "steps": n, "seconds": round(time.perf_counter() - t0, 3)}
+        if accountant is None:  # a non-private run may report its loss; a private one does not
+            record |= {"loss": result.mean_loss, "users": result.users_seen}
         if accountant is not None and trainer.dp is not None:
             record["epsilon"] = accountant.epsilon(ctx.delta)
             _ledger(ctx, method, accountant, "dp-sgd", trainer.dp.noise_multiplier,
                     trainer.dp.sample_rate, n, trainer.dp.clip_norm)
         ctx.run.append_jsonl(f"{method}/rounds.jsonl", record)
-        log.info("%s round %d: loss %.4f", method, rnd, result.mean_loss)
     seconds = time.perf_counter() - start
-    tensors = adapter_state(trainer.rec.model)  # type: ignore[arg-type]
-    save_adapter(ctx.run.root / method / "final" / "adapter.safetensors", tensors,
-                 {"method": method, "base_model": ctx.base.fingerprint if ctx.base else ""})
+    log.info("%s: %d steps in %.0f s", method, steps, seconds)
+    assert ctx.loaded is not None
+    save_adapter(ctx.run.root / method / "final" / "adapter.safetensors", adapter_state(ctx.loaded.model),
+                 {"method": method, "base_model": ctx.loaded.base.fingerprint})
     return seconds
 
 
@@ -257,82 +299,59 @@ def _ledger(
         "round": ctx.ledger_rounds[name], "mechanism": mechanism, "noise_multiplier": sigma,
         "sample_rate": q, "steps": steps, "clip_norm": clip, "delta": ctx.delta,
         "epsilon": accountant.epsilon(ctx.delta), "accountant": ctx.cfg.privacy.accountant,
-        "users": len(ctx.users),
+        "users": len(ctx.users), "budget": ctx.cfg.privacy.target_epsilon, "rng": "os-entropy",
     }
     ctx.run.append_jsonl(f"ledgers/{name}.jsonl", record)
 
 
-def _llm_eval(
-    ctx: Context, rec: Recommender, who: EvalUsers, *, prior: np.ndarray | None
-) -> dict[str, float]:
-    scores = _scores(ctx, rec, who)
-    return evaluate(scores, who, prior=prior, ks=ctx.cfg.eval.ks)
-
-
-def _scores(ctx: Context, rec: Recommender, who: EvalUsers) -> np.ndarray:
-    assert ctx.base is not None
-    digest = tensors_digest(adapter_state(rec.model))  # type: ignore[arg-type]
-    items = item_vectors_cached(
-        rec, ctx.dataset.item_texts, cache_dir=ctx.sources.cache_dir,
-        model_fingerprint=ctx.base.fingerprint, adapter_digest=digest,
-        batch_size=ctx.cfg.eval.batch_size,
-    )
-    return llm_scores(rec, items, who.histories, ctx.dataset.item_titles,
-                      max_history=ctx.cfg.data.max_history, batch_size=ctx.cfg.eval.batch_size)
-
-
-def _fused_rows(
-    ctx: Context, rec: Recommender, method: str, counts: np.ndarray | None, *,
-    epsilon: float | None, seconds: float,
-) -> list[dict[str, Any]]:
-    """Rows for the LLM alone and, when the prior is on, the fused score (the shipped design)."""
-    scores = _scores(ctx, rec, ctx.test)
-    alone = evaluate(scores, ctx.test, ks=ctx.cfg.eval.ks)
-    ctx.run.write_json(f"{method}/final/metrics.json", {"test": alone})
-    if counts is None or not ctx.cfg.prior.enabled:
+def _fused_rows(ctx: Context, method: str, prior: CollaborativePrior | None, *, epsilon: float | None,
+                seconds: float) -> list[dict[str, Any]]:
+    """Rows for the blend (the shipped design) and the LLM alone; CF alone kept in the row."""
+    assert ctx.loaded is not None
+    cfg, window = ctx.cfg, ctx.cfg.data.max_history
+    vectors = catalogue_vectors(ctx.loaded.encoder, _catalogue(ctx))
+    llm_test = llm_scores(vectors, ctx.test.histories, window=window)
+    alone = evaluate(llm_test, ctx.test, ks=cfg.eval.ks)
+    if prior is None:
+        ctx.run.write_json(f"{method}/final/metrics.json", {"test": alone})
         return [_row(ctx, method, alone, epsilon=epsilon, seconds=seconds)]
-    beta = _prior_weight(ctx, rec, counts)
-    fused = evaluate(scores, ctx.test, prior=prior_scores(counts, beta), ks=ctx.cfg.eval.ks)
-    ctx.run.write_json(f"{method}/final/metrics.json",
-                       {"test": fused, "test_llm_only": alone, "prior_weight": beta})
-    # the counts the fused score used, so that `fedrec serve` ranks as this evaluation did
-    save_prior_counts(ctx.run.root / method / "final", counts)
+    key = f"ndcg@{cfg.eval.ks[0]}"
+    weights = BLEND_WEIGHTS if cfg.prior.tune_weight else (cfg.prior.weight,)
+    cf_valid = cf_scores(prior, ctx.valid.histories, ctx.num_items, ctx.cf)
+    per_weight = evaluate_blends(cf_valid, llm_scores(vectors, ctx.valid.histories, window=window), ctx.valid,
+                                 weights=weights, ks=cfg.eval.ks)
+    weight = best_weight(per_weight, weights, key)
+    log.info("blend weight w=%s (validation %s by w: %s)", weight, key,
+             {w: round(m[key], 4) for w, m in zip(weights, per_weight, strict=True)})
+    cf_test = cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf)
+    fused = evaluate(blend(cf_test, llm_test, weight), ctx.test, ks=cfg.eval.ks)
+    cf_only = evaluate(cf_test, ctx.test, ks=cfg.eval.ks)
+    ctx.run.write_json(f"{method}/final/metrics.json", {
+        "test": fused, "test_llm_only": alone, "test_cf_only": cf_only, "blend_weight": weight,
+        "cf": {"beta": cfg.prior.beta, "shrink": cfg.prior.shrink},
+    })
+    save_prior(ctx.run.root / method / "final", prior)  # what `fedrec serve` ranks with
+    contribution = {f"llm_contribution_{k}": round(fused[k] - cf_only[k], 5) for k in fused}
     return [
-        _row(ctx, method, fused, epsilon=epsilon, seconds=seconds) | {"prior_weight": beta},
+        _row(ctx, method, fused, epsilon=epsilon, seconds=seconds) | {"blend_weight": weight} | contribution
+        | {f"cf_only_{k}": round(v, 5) for k, v in cf_only.items()},
         _row(ctx, f"{method}-llm-only", alone, epsilon=epsilon, seconds=seconds),
     ]
-
-
-def _prior_weight(ctx: Context, rec: Recommender, counts: np.ndarray) -> float:
-    """β from the config, or the grid value with the best validation NDCG (first K).
-
-    Choosing β on validation users is a data-dependent choice outside the ε guarantee, like
-    any hyperparameter search; set prior.tune_weight = false to fix β in advance.
-    """
-    if not ctx.cfg.prior.tune_weight:
-        return ctx.cfg.prior.weight
-    scores = _scores(ctx, rec, ctx.valid)
-    key = f"ndcg@{ctx.cfg.eval.ks[0]}"
-    results = {b: evaluate(scores, ctx.valid, prior=prior_scores(counts, b), ks=ctx.cfg.eval.ks)[key]
-               for b in PRIOR_WEIGHTS}
-    best = max(PRIOR_WEIGHTS, key=lambda b: (results[b], -b))
-    log.info("prior weight β=%s (validation %s by β: %s)", best, key,
-             {b: round(v, 4) for b, v in results.items()})
-    return best
 
 
 def _row(
     ctx: Context, method: str, metrics: dict[str, float], *, epsilon: float | None, seconds: float
 ) -> dict[str, Any]:
-    device = "cpu" if ctx.rec is None else str(ctx.rec.device)
+    device = "cpu" if ctx.loaded is None else str(ctx.loaded.encoder.device)
     if device.startswith("cuda"):
         device = torch.cuda.get_device_name()
+    llm = method not in ("popularity", "dp-popularity", "itemknn", "dp-cooccurrence")
     return {
         "method": method, **{k: round(v, 5) for k, v in metrics.items()},
         "epsilon": None if epsilon is None else round(epsilon, 4),
         "delta": ctx.delta if epsilon is not None else None,
-        "model": ctx.cfg.model.name if method not in ("popularity", "dp-popularity") else None,
-        "dataset": ctx.dataset.name, "users": len(ctx.users), "device": device,
+        "model": ctx.cfg.model.name if llm else None,
+        "dataset": ctx.dataset.name, "users": len(ctx.test.user_ids), "device": device,
         "train_seconds": round(seconds, 1),
     }
 

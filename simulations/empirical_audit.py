@@ -34,11 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 from fedrec.client.local import load_split, simulated_clients
-from fedrec.client.train import DPSettings, Example, LocalTrainer, steps_for_epochs
+from fedrec.client.train import DPSettings, LocalTrainer, objective, steps_for_epochs
 from fedrec.common.audit import FAIL, PASS, WARN, Check
 from fedrec.common.config import Config
 from fedrec.common.errors import ConfigError
-from fedrec.common.model import Recommender, build_recommender
+from fedrec.common.evaluation import catalogue_vectors
+from fedrec.common.recommender import Catalogue, ItemEncoder, build_recommender, catalogue_cached, user_vectors
 from fedrec.common.onerun import GuessResult, audit_scores
 from fedrec.common.privacy import PrivacyAccountant, calibrate_noise, check_delta, default_delta
 from fedrec.simulations.audit import AuditReport
@@ -66,7 +67,7 @@ NOTE = ("Each canary user joins one client's users with probability ½; the clie
 class CanaryPlan:
     """The canaries of one audit and which of them were included (drawn from one seed)."""
 
-    examples: tuple[Example, ...]  # "input" canaries: history -> target
+    examples: tuple[tuple[int, ...], ...]  # "input" canaries: a sequence, history then target
     included: tuple[bool, ...]
     signs: tuple[float, ...]  # "gradient" canaries: the direction of each Dirac gradient
 
@@ -152,25 +153,27 @@ def audit_run(cfg: Config, sources: Sources, *, canaries: int, private: bool, ki
     users = len(sequences) + sum(plan.included)
     delta = cfg.privacy.delta if cfg.privacy.delta is not None else default_delta(users)
     check_delta(delta, users)
-    q = min(1.0, cfg.train.batch_size / users)
+    q = cfg.train.sample_rate  # public, as at a federated client
     steps = steps_for_epochs(cfg.fed.local_epochs, q) * cfg.fed.rounds
     sigma = calibrate_noise(target_epsilon=cfg.privacy.target_epsilon, delta=delta, sample_rate=q,
                             steps=steps, accountant=cfg.privacy.accountant) if private else 0.0
     loaded = build_recommender(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
     accountant = PrivacyAccountant(accountant=cfg.privacy.accountant)
+    catalogue = catalogue_cached(loaded.encoder, dataset.item_texts, cache_dir=sources.cache_dir,
+                                 model_fingerprint=loaded.base.fingerprint, batch_size=cfg.eval.batch_size)
     trainer = CanaryTrainer(
-        loaded.rec, plan=plan, kind=kind, clip_norm=cfg.privacy.clip_norm, seed=seed,
-        item_titles=dataset.item_titles, item_texts=dataset.item_texts, sequences=sequences,
-        lr=cfg.train.lr, batch_size=cfg.train.batch_size, max_history=cfg.data.max_history,
-        negatives=cfg.train.negatives, dp=DPSettings(sigma, cfg.privacy.clip_norm, q, cfg.privacy.secure_rng),
+        loaded.encoder, catalogue, plan=plan, kind=kind, clip_norm=cfg.privacy.clip_norm, seed=seed,
+        sequences=sequences, lr=cfg.train.dp_lr, batch_size=cfg.train.batch_size, objective=objective(cfg),
+        dp=DPSettings(sigma, cfg.privacy.clip_norm, q, normaliser=cfg.train.batch_size,
+                      secure_rng=cfg.privacy.secure_rng),
         accountant=accountant,
     )
-    trainer.run(steps, desc=f"canary audit ({'DP' if private else 'no noise'})")
+    trainer.run(steps, desc=f"canary audit ({'DP' if private else 'no noise'})", progress=False)
     if kind == "gradient":
         scores = trainer.gradient_scores()
     else:
-        scores = canary_scores(loaded.rec, plan.examples, dataset.item_titles, dataset.item_texts,
-                               batch_size=cfg.eval.batch_size)
+        scores = canary_scores(loaded.encoder, catalogue, plan.examples, window=cfg.data.max_history,
+                               temperature=cfg.train.temperature)
     k = max(1, canaries // 10)
     guesses = audit_scores(scores, plan.included, k_plus=k, k_minus=k, delta=delta, confidence=CONFIDENCE)
     claimed = accountant.epsilon(delta) if private else math.inf
@@ -191,7 +194,7 @@ def draw_canaries(num_items: int, m: int, *, seed: int) -> CanaryPlan:
     examples = []
     for _ in range(m):
         picks = rng.choice(num_items, size=CANARY_HISTORY + 1, replace=False)
-        examples.append(Example(tuple(int(i) for i in picks[:-1]), int(picks[-1]), ()))
+        examples.append(tuple(int(i) for i in picks))
     included = tuple(bool(b) for b in rng.random(m) < 0.5)
     signs = tuple(float(x) for x in rng.choice([-1.0, 1.0], size=m))
     return CanaryPlan(tuple(examples), included, signs)
@@ -199,69 +202,61 @@ def draw_canaries(num_items: int, m: int, *, seed: int) -> CanaryPlan:
 
 class CanaryTrainer(LocalTrainer):
     """LocalTrainer (same Poisson sampling, clipping, noise, optimizer) whose users include the
-    plan's included canaries. A sampled "input" canary contributes its own example (history ->
-    target, fresh negatives); a sampled "gradient" canary contributes a Dirac per-user gradient of
-    norm GRADIENT_SCALE·C on its own LoRA coordinate, which Opacus clips to C like any user's."""
+    plan's included canaries. An "input" canary is a user whose sequence is its random history and
+    target; a sampled "gradient" canary contributes a Dirac per-user gradient of norm
+    GRADIENT_SCALE·C on its own LoRA coordinate, which Opacus clips to C like any user's."""
 
-    def __init__(self, rec: Recommender, *, plan: CanaryPlan, kind: str, clip_norm: float, seed: int,
-                 sequences: Mapping[str, Any], **kwargs: Any) -> None:
-        names = [f"canary-{i}" for i in range(len(plan.included))]
+    def __init__(self, encoder: ItemEncoder, catalogue: Catalogue, *, plan: CanaryPlan, kind: str,
+                 clip_norm: float, seed: int, sequences: Mapping[str, Any], **kwargs: Any) -> None:
+        names = [f"~canary-{i:05d}" for i in range(len(plan.included))]  # sort after every real user
         members = {n: i for i, n in enumerate(names) if plan.included[i]}
-        placeholder = dict.fromkeys(members, (0,))  # sampled like any user; never read
-        super().__init__(rec, sequences={**sequences, **placeholder}, seed=seed, **kwargs)
-        self.plan, self.kind, self.members = plan, kind, members
+        canaries = {n: plan.examples[i] if kind == "input" else (0, 0) for n, i in members.items()}
+        super().__init__(encoder, catalogue, {**sequences, **canaries}, seed=seed, **kwargs)
+        self.plan, self.kind = plan, kind
+        self.canary_rows = {self.users.index(n): i for n, i in members.items()}
         self.dirac_size = GRADIENT_SCALE * clip_norm
-        sizes = [p.numel() for p in self.params]
-        if kind == "gradient" and len(names) > sum(sizes):
+        sizes = {k: p.numel() for k, p in self.params.items()}
+        if kind == "gradient" and len(names) > sum(sizes.values()):
             raise ConfigError(f"{len(names)} gradient canaries need as many LoRA coordinates; the adapter "
-                              f"has {sum(sizes)}")
-        flat = np.random.default_rng([seed, 0xD1AC]).choice(sum(sizes), size=len(names), replace=False)
-        offsets = np.cumsum([0, *sizes])
+                              f"has {sum(sizes.values())}")
+        keys = list(sizes)
+        flat = np.random.default_rng([seed, 0xD1AC]).choice(sum(sizes.values()), size=len(names), replace=False)
+        offsets = np.cumsum([0, *sizes.values()])
         where = np.searchsorted(offsets, flat, side="right") - 1
-        self.coords = [(int(j), int(f - offsets[j])) for f, j in zip(flat, where, strict=True)]
-        self.initial = [p.detach().clone() for p in self.params]
-        self.sampled: list[int] = []
+        self.coords = [(keys[int(j)], int(f - offsets[j])) for f, j in zip(flat, where, strict=True)]
+        self.initial = {k: p.detach().clone() for k, p in self.params.items()}
 
-    def examples_for(self, users: Sequence[str]) -> list[Example]:
-        self.sampled = [self.members[u] for u in users if u in self.members]
-        out = super().examples_for([u for u in users if u not in self.members])
-        if self.kind == "input":
-            num_items = len(self.item_texts)
-            for i in self.sampled:
-                ex = self.plan.examples[i]
-                negs = self.rng.integers(0, num_items - 1, size=self.negatives)
-                negs = np.where(negs >= ex.target, negs + 1, negs)
-                out.append(Example(ex.history, ex.target, tuple(int(n) for n in negs)))
-        return out
-
-    def _dp_grads(self, examples: Sequence[Example]) -> tuple[list[torch.Tensor], float]:
-        grads, loss = super()._dp_grads(examples)
-        if self.kind != "gradient" or not self.sampled:
+    def _dp_grads(self, rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+        if self.kind != "gradient":
+            return super()._dp_grads(rows)
+        picked = rows.tolist()
+        real = torch.as_tensor([r for r in picked if r not in self.canary_rows], dtype=torch.long)
+        sampled = [self.canary_rows[r] for r in picked if r in self.canary_rows]
+        grads, loss = super()._dp_grads(real)
+        if not sampled:
             return grads, loss
-        rows = [torch.zeros((len(self.sampled), *p.shape), dtype=p.dtype, device=p.device)
-                for p in self.params]
-        for r, i in enumerate(self.sampled):
-            j, f = self.coords[i]
-            rows[j][r].view(-1)[f] = self.plan.signs[i] * self.dirac_size
-        real = grads if examples else [g[:0] for g in grads]  # drop the placeholder zero row
-        return [torch.cat([g, c]) for g, c in zip(real, rows, strict=True)], loss
+        dirac = {k: torch.zeros((len(sampled), *p.shape)) for k, p in self.params.items()}
+        for n, i in enumerate(sampled):
+            key, f = self.coords[i]
+            dirac[key][n].view(-1)[f] = self.plan.signs[i] * self.dirac_size
+        kept = {k: g if real.numel() else g[:0] for k, g in grads.items()}  # drop the placeholder row
+        return {k: torch.cat([kept[k], dirac[k]]) for k in grads}, loss
 
     def gradient_scores(self) -> np.ndarray:
         """(m,) how far the adapter moved against each canary's gradient (descent: -sign·Δw)."""
         out = np.empty(len(self.coords))
-        for i, (j, f) in enumerate(self.coords):
-            moved = float(self.params[j].detach().view(-1)[f] - self.initial[j].view(-1)[f])
+        for i, (key, f) in enumerate(self.coords):
+            moved = float(self.params[key].detach().view(-1)[f] - self.initial[key].view(-1)[f])
             out[i] = -self.plan.signs[i] * moved
         return out
 
 
 @torch.no_grad()
-def canary_scores(rec: Recommender, canaries: Sequence[Example], item_titles: Sequence[str],
-                  item_texts: Sequence[str], *, batch_size: int) -> np.ndarray:
+def canary_scores(encoder: ItemEncoder, catalogue: Catalogue, canaries: Sequence[tuple[int, ...]], *,
+                  window: int, temperature: float) -> np.ndarray:
     """(m,) log-probability of each canary's target over the whole catalogue (higher: "in")."""
-    items = rec.encode_all(list(item_texts), users=False, batch_size=batch_size)  # (I, H)
-    users = rec.encode_all([[item_titles[i] for i in ex.history] for ex in canaries], users=True,
-                           batch_size=batch_size)  # (m, H)
-    logp = torch.log_softmax(rec.logits(users, items), dim=1)  # (m, I)
-    targets = torch.tensor([ex.target for ex in canaries])
+    vectors = catalogue_vectors(encoder, catalogue)  # (I, H)
+    users = user_vectors(vectors, [c[:-1] for c in canaries], history=window)  # (m, H)
+    logp = torch.log_softmax(users @ vectors.T / temperature, dim=1)  # (m, I)
+    targets = torch.tensor([c[-1] for c in canaries])
     return logp[torch.arange(len(canaries)), targets].numpy().astype(np.float64)

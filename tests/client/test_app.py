@@ -12,7 +12,7 @@ from fedrec.client.local import LocalSettings
 from fedrec.common import chain
 from fedrec.common.config import Config, load_config
 from fedrec.common.lora import tensors_digest
-from fedrec.common.model import build_recommender
+from fedrec.common.recommender import build_recommender
 from fedrec.common.privacy import MechanismStep, epsilon
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -21,8 +21,8 @@ from flwr.supercore.task_identity import TaskIdentity
 def tiny_config(data: Path, *extra: str) -> Config:
     return load_config(None, [
         f'data.dataset="{data}"', "data.max_users=0", 'model.name="tiny-random"', "lora.rank=2",
-        "lora.last_layers=1", "train.batch_size=8", "train.negatives=3", "fed.clients=2",
-        "model.max_history_tokens=120", "model.max_item_tokens=40", *extra,
+        "lora.last_layers=1", "train.batch_size=8", "fed.clients=2",
+        "model.max_item_tokens=40", *extra,
     ])
 
 

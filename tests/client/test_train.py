@@ -1,107 +1,128 @@
-"""Local training: LoRA really changes under Opacus, DP(σ=0, C=∞) equals plain, clipping, accounting."""
+"""Local training: LoRA really changes under Opacus, DP(σ=0, C=∞) equals plain, clipping, accounting,
+vectorised per-user gradients equal the per-user loop, and the residual CF logits."""
 
 import numpy as np
 import pytest
 import torch
 from fedrec.client.train import (
     DPSettings,
-    Example,
     LocalTrainer,
-    example_losses,
+    Objective,
+    ResidualCF,
+    batch_losses,
+    pack,
     per_user_gradients,
-    poisson_sample,
-    sample_example,
+    sequence_loss,
 )
 from fedrec.common.config import LoraConfig
 from fedrec.common.lora import adapter_state, attach_lora
-from fedrec.common.model import Recommender
 from fedrec.common.privacy import MechanismStep, PrivacyAccountant, epsilon
+from fedrec.common.recommender import ItemEncoder, item_vectors
 
-TITLES = [f"Movie {i} ({1990 + i})" for i in range(12)]
-TEXTS = [f"{t} | Genre {i % 3}" for i, t in enumerate(TITLES)]
+TEXTS = [f"Movie {i} ({1990 + i}) | Genre {i % 3}" for i in range(12)]
 SEQS = {"u1": [0, 1, 2, 3], "u2": [4, 5, 6], "u3": [7, 8, 9, 10, 11]}
+OBJ = Objective(window=2, max_len=5, temperature=0.1)
 
 
-def _trainer(model, tok, *, dp: DPSettings | None, accountant=None, batch_size: int = 3, lr=0.05):
-    rec = Recommender(attach_lora(model, LoraConfig(rank=4, last_layers=None)), tok,
-                      max_item_tokens=48, max_history_tokens=128, temperature=0.1)
-    return LocalTrainer(rec, item_titles=TITLES, item_texts=TEXTS, sequences=SEQS, lr=lr,
-                        batch_size=batch_size, max_history=3, negatives=3, seed=0, dp=dp,
-                        accountant=accountant)
+def _encoder(model, tok) -> ItemEncoder:
+    adapted = attach_lora(model, LoraConfig(rank=4))
+    return ItemEncoder(adapted, tok, target="down_proj", max_tokens=40)
 
 
-def _examples() -> list[Example]:
-    return [Example((0, 1), 2, (5, 7, 9)), Example((4,), 5, (0, 1, 2)), Example((7, 8), 9, (3, 4, 11))]
+def _trainer(model, tok, *, dp: DPSettings | None, accountant=None, batch_size: int = 3, lr=0.05,
+             residual: ResidualCF | None = None) -> LocalTrainer:
+    enc = _encoder(model, tok)
+    return LocalTrainer(enc, enc.trunk(TEXTS), SEQS, lr=lr, batch_size=batch_size, objective=OBJ,
+                        residual=residual, dp=dp, accountant=accountant, seed=0)
 
 
-def test_sample_example_never_uses_target_as_negative() -> None:
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        ex = sample_example([3, 4, 5, 6], num_items=7, max_history=2, negatives=5, rng=rng)
-        assert ex is not None and ex.target not in ex.negatives
-        assert len(ex.history) <= 2 and all(0 <= n < 7 for n in ex.negatives)
-    assert sample_example([3], num_items=7, max_history=2, negatives=5, rng=rng) is None
+def _randomise_b(trainer: LocalTrainer) -> None:
+    torch.manual_seed(1)  # independent of which tests ran before
+    with torch.no_grad():
+        for name, p in trainer.params.items():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+
+
+def test_pack_keeps_the_most_recent_items_left_padded() -> None:
+    seqs = pack([[1, 2, 3, 4, 5, 6], [7]], max_len=4)
+    assert seqs.tolist() == [[3, 4, 5, 6], [-1, -1, -1, 7]]
+
+
+def test_sequence_loss_is_the_hand_computed_all_position_cross_entropy() -> None:
+    vectors = torch.nn.functional.normalize(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)), dim=-1)
+    seq = torch.tensor([-1, 0, 1, 2])  # predict 1 from [0], 2 from [0, 1] (window 2)
+    obj = Objective(window=2, max_len=4, temperature=0.5)
+
+    loss = sequence_loss(vectors, seq, None, objective=obj)
+
+    u1 = vectors[0]
+    u2 = torch.nn.functional.normalize(vectors[0] + vectors[1], dim=0)
+    ce = [torch.nn.functional.cross_entropy((u @ vectors.T / 0.5)[None], torch.tensor([t]))
+          for u, t in ((u1, 1), (u2, 2))]
+    assert loss.item() == pytest.approx(float(sum(ce) / 2), rel=1e-5)
 
 
 def test_lora_weights_change_after_an_opacus_step(tiny_model, tiny_tokenizer) -> None:
     accountant = PrivacyAccountant()
     trainer = _trainer(tiny_model, tiny_tokenizer, accountant=accountant,
                        dp=DPSettings(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.5))
-    before = adapter_state(trainer.rec.model)
+    before = adapter_state(trainer.encoder.model)
 
-    trainer.step(_examples())
+    trainer.step(torch.arange(3))
 
-    after = adapter_state(trainer.rec.model)
+    after = adapter_state(trainer.encoder.model)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert len(changed) == len(before)  # every A and B moved
+    assert len(changed) == len(before) == 2  # A and B of the one adapted module moved
     assert accountant.history == (MechanismStep(1.0, 0.5, 1),)
 
 
 def test_dp_without_noise_and_clipping_equals_plain_training(make_model, tiny_tokenizer) -> None:
     plain = _trainer(make_model(), tiny_tokenizer, dp=None)
     dp = _trainer(make_model(), tiny_tokenizer, accountant=PrivacyAccountant(),
-                  dp=DPSettings(noise_multiplier=0.0, clip_norm=1e9, sample_rate=1.0))
-    plain_init = adapter_state(plain.rec.model)
+                  dp=DPSettings(noise_multiplier=0.0, clip_norm=1e9, sample_rate=1.0, normaliser=3))
+    plain_init = adapter_state(plain.encoder.model)
 
     for _ in range(2):
-        plain.step(_examples())
-        dp.step(_examples())
+        plain.step(torch.arange(3))
+        dp.step(torch.arange(3))
 
-    a, b = adapter_state(plain.rec.model), adapter_state(dp.rec.model)
+    a, b = adapter_state(plain.encoder.model), adapter_state(dp.encoder.model)
     assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)  # float32 summation order
     assert any(not torch.allclose(a[k], plain_init[k]) for k in a)  # and training did move them
 
 
-def test_per_user_gradients_are_the_users_own(tiny_model, tiny_tokenizer) -> None:
+def test_vectorised_per_user_gradients_equal_the_per_user_loop(tiny_model, tiny_tokenizer) -> None:
     trainer = _trainer(tiny_model, tiny_tokenizer, dp=None)
-    torch.manual_seed(1)  # independent of which tests ran before
-    with torch.no_grad():
-        for n, p in trainer.rec.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    examples = _examples()
+    _randomise_b(trainer)
+    seqs = trainer.seqs
 
-    grads, _ = per_user_gradients(trainer.rec, trainer.params, examples, TITLES, TEXTS)
-    loss = example_losses(trainer.rec, examples, TITLES, TEXTS).sum()
-    total = torch.autograd.grad(loss, trainer.params)
+    grads, losses = per_user_gradients(trainer.encoder, trainer.catalogue, trainer.params, seqs, None,
+                                       objective=OBJ, chunk=2)
 
-    assert all(g.shape[0] == len(examples) for g in grads)
-    assert all(torch.allclose(g.sum(0), t, rtol=1e-4, atol=1e-5) for g, t in zip(grads, total))
+    for u in range(seqs.shape[0]):
+        loss = batch_losses(trainer.encoder, trainer.catalogue, trainer.params, seqs[u : u + 1], None,
+                            objective=OBJ)[0]
+        loop = torch.autograd.grad(loss, list(trainer.params.values()))
+        assert losses[u].item() == pytest.approx(loss.item(), rel=1e-5)
+        for g, name in zip(loop, trainer.params, strict=True):
+            assert torch.allclose(grads[name][u], g, rtol=1e-4, atol=1e-6)
 
 
 def test_opacus_clips_each_user_to_the_bound(tiny_model, tiny_tokenizer) -> None:
     clip = 1e-3
     trainer = _trainer(tiny_model, tiny_tokenizer, accountant=PrivacyAccountant(),
-                       dp=DPSettings(noise_multiplier=0.0, clip_norm=clip, sample_rate=1.0),
-                       batch_size=1, lr=1.0)
-    grads, _ = per_user_gradients(trainer.rec, trainer.params, _examples()[:1], TITLES, TEXTS)
-    raw = torch.sqrt(sum((g**2).sum() for g in grads))
-    for p, g in zip(trainer.params, grads):
-        p.grad_sample = g
+                       dp=DPSettings(noise_multiplier=0.0, clip_norm=clip, sample_rate=1.0, normaliser=1),
+                       lr=1.0)
+    _randomise_b(trainer)
+    grads, _ = trainer._dp_grads(torch.arange(1))
+    raw = torch.sqrt(sum((g**2).sum() for g in grads.values()))
+    for name, p in trainer.params.items():
+        p.grad_sample = grads[name]
 
-    trainer.optimizer.pre_step()  # clip, (zero) noise, scale: p.grad is the clipped mean
+    trainer.optimizer.pre_step()  # clip, (zero) noise, scale: p.grad is the clipped sum / 1
 
-    clipped = torch.sqrt(sum((p.grad**2).sum() for p in trainer.params))
+    clipped = torch.sqrt(sum((p.grad**2).sum() for p in trainer.params.values()))
     assert raw > clip
     assert clipped <= clip * (1 + 1e-4)
 
@@ -110,11 +131,11 @@ def test_empty_poisson_batch_still_spends_and_noises(tiny_model, tiny_tokenizer)
     accountant = PrivacyAccountant()
     trainer = _trainer(tiny_model, tiny_tokenizer, accountant=accountant,
                        dp=DPSettings(noise_multiplier=2.0, clip_norm=1.0, sample_rate=0.1))
-    before = adapter_state(trainer.rec.model)
+    before = adapter_state(trainer.encoder.model)
 
-    trainer.step([])
+    trainer.step(torch.arange(0))
 
-    after = adapter_state(trainer.rec.model)
+    after = adapter_state(trainer.encoder.model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert accountant.history == (MechanismStep(2.0, 0.1, 1),)
 
@@ -132,9 +153,41 @@ def test_run_records_every_step_and_epsilon_matches_accountant(tiny_model, tiny_
     assert accountant.epsilon(1e-3) == pytest.approx(expected)
 
 
-def test_poisson_sampling_rate() -> None:
-    rng = np.random.default_rng(1)
-    users = [str(i) for i in range(1000)]
-    sizes = [len(poisson_sample(users, 0.05, rng)) for _ in range(200)]
+def test_sampling_is_poisson_with_the_public_rate(tiny_model, tiny_tokenizer) -> None:
+    trainer = _trainer(tiny_model, tiny_tokenizer, dp=None, batch_size=1)
+    trainer.users = [str(i) for i in range(1000)]  # the sampler only needs the count
+    trainer.step = lambda rows: float(rows.numel())  # type: ignore[method-assign]
+    sizes = [trainer.step(torch.as_tensor(np.flatnonzero(trainer.rng.random(1000) < 0.05)))
+             for _ in range(200)]
     assert 45 < np.mean(sizes) < 55
     assert np.std(sizes) > 2  # the batch size varies, as Poisson sampling requires
+
+
+def test_residual_cf_logits_are_the_prefix_scores() -> None:
+    head = torch.tensor([1, 3])
+    sim = torch.tensor([[0.0, 0.5], [0.5, 0.0]])
+    popularity = torch.log1p(torch.tensor([0.0, 4.0, 0.0, 1.0]))
+    cf = ResidualCF(head=head, similarity=sim, popularity=popularity, beta=0.1, scale=2.0)
+
+    logits = cf.logits(torch.tensor([[-1, 1, 2, 3]]))  # (1, 3, 4): predict positions 1..3
+
+    # position 1 (from nothing: padding): only popularity; position 2 (from [1]): sim row of 1
+    assert torch.allclose(logits[0, 0], 2.0 * 0.1 * popularity)
+    expected = 2.0 * (0.1 * popularity + torch.tensor([0.0, 0.0, 0.0, 0.5]))
+    assert torch.allclose(logits[0, 1], expected)
+    # position 3 (from [1, 2]): 2 is not in the head, the sum is divided by √2
+    expected = 2.0 * (0.1 * popularity + torch.tensor([0.0, 0.0, 0.0, 0.5 / 2**0.5]))
+    assert torch.allclose(logits[0, 2], expected)
+
+
+def test_training_on_the_residual_uses_the_cf_logits(make_model, tiny_tokenizer) -> None:
+    cf = ResidualCF(head=torch.arange(12), similarity=torch.eye(12).roll(1, 0) * 5.0,
+                    popularity=torch.zeros(12), beta=0.0, scale=3.0)
+    with_cf = _trainer(make_model(), tiny_tokenizer, dp=None, residual=cf)
+    without = _trainer(make_model(), tiny_tokenizer, dp=None)
+
+    a, b = with_cf.step(torch.arange(3)), without.step(torch.arange(3))
+
+    assert a != pytest.approx(b)  # the loss sees the CF logits
+    vectors = item_vectors(with_cf.encoder.states(with_cf.catalogue))
+    assert vectors.shape == (12, 32)

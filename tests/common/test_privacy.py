@@ -1,4 +1,4 @@
-"""ε maths, calibration, the accountant's state and step hook, private counts."""
+"""ε maths, calibration, the accountant's state and step hook."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from fedrec.common.errors import ConfigError, DataError, PrivacyError
+from fedrec.common.errors import ConfigError, PrivacyError
 from fedrec.common.privacy import (
     MechanismStep,
     PrivacyAccountant,
@@ -14,8 +14,6 @@ from fedrec.common.privacy import (
     check_delta,
     default_delta,
     epsilon,
-    prior_noise,
-    private_counts,
 )
 from opacus.accountants import RDPAccountant
 from opacus.grad_sample import GradSampleModule
@@ -238,62 +236,3 @@ def test_step_hook_refuses_an_effective_sample_rate_above_one() -> None:
     with pytest.raises(PrivacyError, match="make_step_hook: sample_rate=0"):
         acc.make_step_hook(0.0)
     assert acc.history == ()
-
-
-# --- private counts --------------------------------------------------------------------------
-
-
-def test_private_counts_without_noise_or_clipping_are_plain_counts() -> None:
-    users = [np.array([0, 1, 2, 3]), np.array([1]), np.array([1, 1, 4]), np.array([], dtype=np.int64)]
-
-    counts = private_counts(users, num_items=6, clip_norm=1e6, noise_multiplier=0.0,
-                            rng=np.random.default_rng(0))
-
-    assert counts.dtype == np.float64
-    assert counts.tolist() == [1, 3, 1, 1, 1, 0]
-
-
-def test_private_counts_clip_each_user_to_the_bound() -> None:
-    rng = np.random.default_rng(0)
-    users = [rng.choice(50, size=rng.integers(1, 30), replace=False) for _ in range(20)]
-
-    per_user = [private_counts([u], num_items=50, clip_norm=2.0, noise_multiplier=0.0, rng=rng) for u in users]
-    total = private_counts(users, num_items=50, clip_norm=2.0, noise_multiplier=0.0, rng=rng)
-
-    norms = [np.linalg.norm(v) for v in per_user]
-    assert max(norms) <= 2.0 + 1e-12
-    assert [n == pytest.approx(min(2.0, math.sqrt(len(u)))) for n, u in zip(norms, users)] == [True] * 20
-    assert np.allclose(total, np.sum(per_user, axis=0))
-
-
-def test_private_counts_noise_has_std_sigma_times_clip() -> None:
-    users = [np.array([0, 1])] * 10
-
-    noisy = private_counts(users, num_items=5000, clip_norm=2.0, noise_multiplier=3.0,
-                           rng=np.random.default_rng(1))
-
-    noise = noisy - private_counts(users, num_items=5000, clip_norm=2.0, noise_multiplier=0.0,
-                                   rng=np.random.default_rng(1))
-    assert np.std(noise) == pytest.approx(6.0, rel=0.05)
-    assert abs(np.mean(noise)) < 0.3
-
-
-def test_private_counts_reject_bad_input() -> None:
-    rng = np.random.default_rng(0)
-    with pytest.raises(DataError, match=r"user #1 must hold integer item indices in \[0, 3\)"):
-        private_counts([np.array([0]), np.array([3])], num_items=3, clip_norm=1.0, noise_multiplier=1.0, rng=rng)
-    with pytest.raises(DataError, match="user #0"):
-        private_counts([np.array([-1])], num_items=3, clip_norm=1.0, noise_multiplier=1.0, rng=rng)
-    with pytest.raises(PrivacyError, match="clip_norm=0"):
-        private_counts([], num_items=3, clip_norm=0, noise_multiplier=1.0, rng=rng)
-    with pytest.raises(PrivacyError, match="noise_multiplier=-1"):
-        private_counts([], num_items=3, clip_norm=1.0, noise_multiplier=-1.0, rng=rng)
-
-
-def test_prior_noise_spends_its_share_of_the_budget() -> None:
-    sigma = prior_noise(target_epsilon=8.0, delta=1e-5, share=0.5)
-    assert epsilon([MechanismStep(sigma, 1.0, 1)], delta=1e-5) == pytest.approx(4.0, rel=0.02)
-    assert epsilon([MechanismStep(sigma, 1.0, 1)], delta=1e-5) <= 4.0 + 1e-9
-    assert prior_noise(target_epsilon=8.0, delta=1e-5, share=0.5, fixed=5.0) == 5.0
-    smaller = prior_noise(target_epsilon=1.0, delta=1e-5, share=0.5)
-    assert smaller > sigma  # less budget, more noise

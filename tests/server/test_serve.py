@@ -24,14 +24,14 @@ import uvicorn
 from fastapi import FastAPI
 from fedrec.cli import main
 from fedrec.common.config import load_config
-from fedrec.common.evaluation import llm_scores, prior_scores
+from fedrec.common.evaluation import CFSettings, blend, catalogue_vectors, cf_scores, llm_scores
 from fedrec.common.lora import load_adapter, save_adapter
-from fedrec.common.model import build_recommender
+from fedrec.common.prior import CollaborativePrior, save_prior
+from fedrec.common.recommender import build_recommender, catalogue_cached
 from fedrec.common.rundir import RunDir
 from fedrec.server.loopback import free_port
 from fedrec.server.serve import HttpSettings, create_app
 from fedrec.server.service import RecommenderService, ServeSettings, load_service, locate_run
-from safetensors.torch import save_file
 
 TRAINED_ITEMS = 30  # items of the catalogue when the run trained
 NEW_ITEMS = 3  # added to the item file afterwards
@@ -51,11 +51,19 @@ def write_catalogue(root: Path) -> Path:
     return root
 
 
+def trained_prior() -> CollaborativePrior:
+    """Noisy statistics as a run releases them (counts may be negative), head = items 0..9."""
+    counts = (np.arange(TRAINED_ITEMS) % 7).astype(np.float64) * 3 - 2
+    rng = np.random.default_rng(0)
+    cooc = rng.normal(0, 1, (10, 10)) + np.eye(10) * 5
+    return CollaborativePrior(counts, np.arange(10), (cooc + cooc.T) / 2)
+
+
 def make_run(root: Path, cache: Path) -> Path:
     """A federated run directory as `fedrec simulate` leaves it, with a non-trivial adapter."""
     data = write_catalogue(root / "data")
     cfg = load_config(None, [f'data.dataset="{data}"', 'model.name="tiny-random"', "lora.rank=2",
-                             "lora.last_layers=1", "model.max_history_tokens=120", "model.max_item_tokens=40",
+                             "lora.last_layers=1", "model.max_item_tokens=40",
                              "data.max_history=4", 'name="serve-test"'])
     loaded = build_recommender(cfg, cache_dir=cache)
     gen = torch.Generator().manual_seed(1)
@@ -63,9 +71,9 @@ def make_run(root: Path, cache: Path) -> Path:
     run = root / "run"
     RunDir(run).write_config(cfg, {"clients": ["client-0", "client-1"], "engine": "test"})
     save_adapter(run / "final" / "adapter.safetensors", adapter, {"run_id": "t", "rounds": "2", "variant": "lora"})
-    counts = (np.arange(TRAINED_ITEMS) % 7).astype(np.float32) * 3 - 2  # noisy counts may be negative
-    save_file({"counts": torch.from_numpy(counts)}, str(run / "final" / "prior_counts.safetensors"))
-    RunDir(run).write_json("final/metrics.json", {"prior_weight": 2.0, "rounds": 2, "test": {"ndcg@10": 0.1}})
+    save_prior(run / "final", trained_prior())
+    RunDir(run).write_json("final/metrics.json", {"blend_weight": 2.0, "rounds": 2, "test": {"ndcg@10": 0.1},
+                                                  "cf": {"beta": 0.5, "shrink": 1.0}})
     for client, eps in (("client-0", [0.5, 1.5]), ("client-1", [0.7, 2.5])):
         for rnd, e in enumerate(eps):
             RunDir(run).append_jsonl(f"ledgers/{client}.jsonl", {
@@ -117,19 +125,21 @@ def post(url: str, body: Any, **kw: Any) -> httpx.Response:
 
 
 def reference_top(run_dir: Path, history: list[int], k: int) -> tuple[list[int], list[float]]:
-    """Top K as evaluation scores it: unmerged model, llm_scores + prior_scores, history excluded."""
+    """Top K as evaluation scores it: cf_scores + 2·llm_scores, history excluded."""
     from fedrec.common.data import load_dataset
     from fedrec.common.lora import read_adapter
 
     cfg = locate_run(run_dir).config
     dataset = load_dataset(Path(cfg.data.dataset))
     loaded = build_recommender(cfg, cache_dir=run_dir.parent / "cache")
-    load_adapter(loaded.rec.model, read_adapter(run_dir / "final" / "adapter.safetensors"), source="test")
-    items = loaded.rec.encode_all(list(dataset.item_texts), users=False, batch_size=64)
-    scores = llm_scores(loaded.rec, items, [history], dataset.item_titles, max_history=cfg.data.max_history,
-                        batch_size=8)[0].astype(np.float64)
-    counts = np.concatenate([(np.arange(TRAINED_ITEMS) % 7).astype(np.float32) * 3 - 2, [0.0] * NEW_ITEMS])
-    scores = scores + prior_scores(counts, 2.0)
+    load_adapter(loaded.model, read_adapter(run_dir / "final" / "adapter.safetensors"), source="test")
+    catalogue = catalogue_cached(loaded.encoder, dataset.item_texts, cache_dir=None, model_fingerprint="")
+    vectors = catalogue_vectors(loaded.encoder, catalogue)
+    llm = llm_scores(vectors, [history], window=cfg.data.max_history)
+    prior = trained_prior()
+    prior = CollaborativePrior(np.concatenate([prior.popularity, [0.0] * NEW_ITEMS]), prior.head, prior.cooccurrence)
+    scores = blend(cf_scores(prior, [history], len(dataset.item_ids), CFSettings(beta=0.5, shrink=1.0)), llm,
+                   2.0)[0]
     scores[history] = -np.inf
     top = np.argsort(-scores, kind="stable")[:k]
     return [dataset.item_ids[i] for i in top], scores[top].tolist()
@@ -152,6 +162,30 @@ def test_known_history_returns_k_distinct_unseen_items_ranked_as_evaluation(url:
     ref_ids, ref_scores = reference_top(run_dir, [1, 5, 9, 14, 20], 7)
     assert ids == ref_ids
     assert scores == pytest.approx(ref_scores, rel=1e-4, abs=1e-4)
+
+
+def test_every_item_names_the_history_items_it_comes_from(url: str, service: RecommenderService) -> None:
+    history = ["i1", "i5", "i9"]
+
+    items = post(url, {"history": history, "k": 5}).json()["items"]
+    text_only = post(url, {"text": "sci-fi", "k": 3}).json()["items"]
+
+    assert all(item["because"] for item in items)
+    for item in items:
+        assert {b["item_id"] for b in item["because"]} <= set(history)
+        weights = [b["weight"] for b in item["because"]]
+        assert weights == sorted(weights, reverse=True) and all(w > 0 for w in weights)
+    assert all(item["because"] == [] for item in text_only)  # no history: nothing to point at
+    # for a head item, the history item with the largest share is the one CF and the LLM rank first
+    query = service.query(history=history, k=5)
+    top = service.recommend([query])[0][0]
+    row = service.resolve(top.item_id)
+    shares = []
+    for j in query.history:
+        cf = service.similarity[j, row] / np.sqrt(3) if row < 10 and j < 10 else 0.0
+        llm = float(service.vectors[j] @ service.vectors[row]) / (3 * float(service.vectors[list(query.history)].mean(0).norm()))
+        shares.append(float(cf) + 2.0 * llm)
+    assert top.because[0].item_id == service.dataset.item_ids[query.history[int(np.argmax(shares))]]
 
 
 def test_merged_lora_ranks_as_unmerged(run_dir: Path, service: RecommenderService) -> None:
@@ -215,7 +249,7 @@ def test_items_search_model_card_health_and_page(url: str, run_dir: Path) -> Non
     assert all("movie" in i["title"].lower() and "2" in i["title"] for i in found)
     assert card["base_model"] == "tiny-random" and card["rounds"] == 2 and card["kind"] == "federated"
     assert card["adapter_sha256"] == hashlib.sha256((run_dir / "final" / "adapter.safetensors").read_bytes()).hexdigest()
-    assert card["dataset"]["items"] == TRAINED_ITEMS + NEW_ITEMS and card["prior_weight"] == 2.0
+    assert card["dataset"]["items"] == TRAINED_ITEMS + NEW_ITEMS and card["blend_weight"] == 2.0
     assert card["epsilon"]["per_party"]["client-1"]["epsilon"] == 2.5 and card["epsilon"]["max"] == 2.5
     assert health == {"status": "ok", "items": TRAINED_ITEMS + NEW_ITEMS}
     assert page.status_code == 200 and "/recommend" in page.text
@@ -390,7 +424,7 @@ def test_serve_command_with_workers_and_key_file(run_dir: Path, tmp_path: Path) 
 def test_serves_a_real_federated_simulation(tiny_data: Path, tmp_path: Path, capsys) -> None:
     out, cache = tmp_path / "run", tmp_path / "cache"
     settings = ['model.name="tiny-random"', "data.max_users=0", "lora.rank=2", "lora.last_layers=1",
-                "train.batch_size=8", "train.negatives=3", "model.max_history_tokens=120",
+                "train.batch_size=8",
                 "model.max_item_tokens=40", "fed.clients=2", "fed.rounds=1", "fed.local_epochs=0.5"]
     args = ["simulate", "--data", str(tiny_data), "--output", str(out), "--cache-dir", str(cache), "--offline"]
     assert main([*args, *(x for s in settings for x in ("--set", s))]) == 0
@@ -404,7 +438,7 @@ def test_serves_a_real_federated_simulation(tiny_data: Path, tmp_path: Path, cap
     final = json.loads((out / "final" / "metrics.json").read_text())
     assert len(items) == 5 and not {"i1", "i7"} & {i["item_id"] for i in items}
     assert card["kind"] == "federated" and card["rounds"] == 1
-    assert card["prior_weight"] == final["prior_weight"]
+    assert card["blend_weight"] == final["blend_weight"]
     for client, summary in card["epsilon"]["per_party"].items():
         lines = [json.loads(x) for x in (out / "ledgers" / f"{client}.jsonl").read_text().splitlines()]
         assert summary["epsilon"] == lines[-1]["epsilon"] and summary["releases"] == len(lines)

@@ -16,12 +16,13 @@ def test_train_central_writes_a_complete_run(tmp_path: Path, tiny_data: Path, ti
     args = ["train-central", "--data", str(data), "--model", str(tiny_model_dir), "--output", str(out),
             "--cache-dir", str(tmp_path / "cache"), "--offline",
             "--set", "data.max_users=0", "--set", "train.batch_size=8", "--set", "train.epochs=2",
-            "--set", "train.negatives=3", "--set", "lora.last_layers=1", "--set", "privacy.target_epsilon=4"]
+            "--set", "train.dp_epochs=2", "--set", "prior.head_size=10", "--set", "privacy.target_epsilon=4"]
 
     assert main(args) == 0
 
     rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
-    assert {"popularity", "dp-popularity", "zero-shot", "central-lora", "central-dp-lora"} <= set(rows)
+    assert {"popularity", "dp-popularity", "itemknn", "dp-cooccurrence", "zero-shot", "central-lora",
+            "central-dp-lora", "central-dp-lora-llm-only"} <= set(rows)
     assert all(0.0 <= r["ndcg@10"] <= r["hr@10"] <= 1.0 for r in rows.values())
     assert rows["central-dp-lora"]["epsilon"] <= 4.0 + 1e-6
     assert rows["popularity"]["epsilon"] is None
@@ -33,11 +34,14 @@ def test_train_central_writes_a_complete_run(tmp_path: Path, tiny_data: Path, ti
     for entry in ledger:  # every reported ε is what the accountant gives for the recorded mechanism
         history.append(MechanismStep(entry["noise_multiplier"], entry["sample_rate"], entry["steps"]))
         assert entry["epsilon"] == pytest.approx(epsilon(history, delta=entry["delta"]), rel=1e-9)
-    assert ledger[0]["mechanism"] == "prior-counts"
+    assert [e["mechanism"] for e in ledger[:2]] == ["prior-counts", "prior-cooccurrence"]
     assert [e["epsilon"] for e in ledger] == sorted(e["epsilon"] for e in ledger)
     assert "central-dp-lora" in capsys.readouterr().out
     assert "[train]" in (out / "config.toml").read_text()
-    assert (out / "central-dp-lora" / "final" / "prior_counts.safetensors").is_file()
+    assert (out / "central-dp-lora" / "final" / "prior.safetensors").is_file()
+    fused = rows["central-dp-lora"]  # the blend keeps CF alone and the LLM's contribution beside it
+    assert fused["llm_contribution_ndcg@10"] == pytest.approx(fused["ndcg@10"] - fused["cf_only_ndcg@10"], abs=2e-5)
+    assert rows["dp-cooccurrence"]["epsilon"] <= 4.0 + 1e-6
 
     # the run can be served: --method picks whose adapter (fedrec recommend loads it as serve does)
     serve = ["recommend", str(out), "--cache-dir", str(tmp_path / "cache"), "--offline", "--history", "i3",

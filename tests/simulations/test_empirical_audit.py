@@ -12,7 +12,7 @@ import torch
 from fedrec.cli import main
 from fedrec.client.train import DPSettings
 from fedrec.common.config import load_config
-from fedrec.common.model import build_recommender
+from fedrec.common.recommender import build_recommender
 from fedrec.common.privacy import PrivacyAccountant
 from fedrec.simulations.empirical_audit import CanaryTrainer, draw_canaries
 

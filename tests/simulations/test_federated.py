@@ -16,7 +16,7 @@ import torch
 from fedrec.cli import main
 from fedrec.common import chain
 from fedrec.common.config import load_config
-from fedrec.common.model import build_recommender
+from fedrec.common.recommender import build_recommender
 from fedrec.common.privacy import MechanismStep, epsilon
 from fedrec.common.rundir import read_jsonl
 from fedrec.server import app as server_app
@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 TINY = [
     'model.name="tiny-random"', "data.max_users=0", "lora.rank=2", "lora.last_layers=1",
-    "train.batch_size=8", "train.negatives=3", "model.max_history_tokens=120", "model.max_item_tokens=40",
+    "train.batch_size=8", "model.max_item_tokens=40",
     "fed.clients=3", "fed.local_epochs=0.5", "eval.batch_size=256",
 ]
 

@@ -84,7 +84,70 @@ BASELINES = (Method("random", _random, repeats=3), Method("content", _content))
 #     scorer(histories: list[tuple[int, ...]], shelf: np.ndarray) -> np.ndarray (U, len(shelf))
 # scoring each user from that history alone. Its time is the row's train_seconds; seed is the noise
 # seed (repeats > 1 averages several); set epsilon / delta / model / device on the Method.
-LLM_METHODS: tuple[Method, ...] = ()
+EPSILON = 8.0
+_LOADED: dict[str, Any] = {}
+
+
+def _encoder_and_catalogue(dataset: Dataset) -> tuple[Any, Any, Any]:
+    """The default model's item encoder (reset to its initial adapter) and the cached catalogue."""
+    from fedrec.common.config import Config
+    from fedrec.common.lora import load_adapter
+    from fedrec.common.recommender import build_recommender, catalogue_cached
+
+    if "loaded" not in _LOADED:
+        cfg = Config()
+        loaded = build_recommender(cfg, cache_dir=default_cache_dir())
+        _LOADED["loaded"], _LOADED["cfg"] = loaded, cfg
+        _LOADED["catalogue"] = catalogue_cached(loaded.encoder, dataset.item_texts, cache_dir=default_cache_dir(),
+                                                model_fingerprint=loaded.base.fingerprint)
+    loaded = _LOADED["loaded"]
+    load_adapter(loaded.model, loaded.initial_adapter, source="initial adapter")
+    return loaded, _LOADED["catalogue"], _LOADED["cfg"]
+
+
+def _shelf_scorer(loaded: Any, catalogue: Any, window: int) -> Scorer:
+    """Cosine of the pooled history with each shelf item's (text-only) vector."""
+    from fedrec.common.evaluation import catalogue_vectors, llm_scores
+
+    vectors = catalogue_vectors(loaded.encoder, catalogue)
+    return lambda histories, shelf: llm_scores(vectors, histories, window=window)[:, shelf]
+
+
+def _zero_shot(dataset: Dataset, cold: ColdSplit, seed: int) -> Scorer:
+    loaded, catalogue, cfg = _encoder_and_catalogue(dataset)
+    return _shelf_scorer(loaded, catalogue, cfg.data.max_history)
+
+
+def _trained(dataset: Dataset, cold: ColdSplit, seed: int, *, private: bool) -> Scorer:
+    """The item encoder trained on the cold split's training sequences only, the held-out items
+    never in a softmax; under DP at ε = EPSILON with the shipped plan (q = 1, dp_epochs steps)."""
+    from fedrec.client.train import DPSettings, LocalTrainer, objective, steps_for_epochs
+    from fedrec.common.privacy import PrivacyAccountant, calibrate_noise, default_delta
+
+    loaded, catalogue, cfg = _encoder_and_catalogue(dataset)
+    train = cold.as_split().train
+    sequences = {u: s for u, s in train.items() if len(s) >= 2}
+    dp, accountant = None, None
+    if private:
+        delta = default_delta(len(train))
+        steps = steps_for_epochs(cfg.train.dp_epochs, cfg.train.sample_rate)
+        sigma = calibrate_noise(target_epsilon=EPSILON, delta=delta, sample_rate=cfg.train.sample_rate, steps=steps)
+        dp = DPSettings(sigma, cfg.privacy.clip_norm, cfg.train.sample_rate, normaliser=cfg.train.batch_size)
+        accountant = PrivacyAccountant()
+    trainer = LocalTrainer(loaded.encoder, catalogue, sequences, lr=cfg.train.dp_lr if private else cfg.train.lr,
+                           batch_size=cfg.train.batch_size, objective=objective(cfg), dp=dp, accountant=accountant,
+                           seed=None if private else seed, blocked_items=cold.held_out.tolist())
+    steps = steps_for_epochs(cfg.train.dp_epochs, cfg.train.sample_rate) if private else \
+        steps_for_epochs(cfg.train.epochs, trainer.sample_rate)
+    trainer.run(steps, progress=False)
+    return _shelf_scorer(loaded, catalogue, cfg.data.max_history)
+
+
+LLM_METHODS: tuple[Method, ...] = (
+    Method("zero-shot", _zero_shot, model="smollm2-135m-instruct"),
+    Method("central-lora", partial(_trained, private=False), model="smollm2-135m-instruct"),
+    Method("central-dp-lora", partial(_trained, private=True), epsilon=EPSILON, model="smollm2-135m-instruct"),
+)
 # ==========================================================================================
 
 

@@ -42,9 +42,10 @@ import psutil
 from fedrec.client.local import ClientJob, LocalSettings, RoundRequest, load_split, simulated_clients
 from fedrec.common.assets import default_cache_dir
 from fedrec.common.config import Config, load_config
-from fedrec.common.evaluation import PRIOR_WEIGHTS
-from fedrec.common.model import build_recommender
-from fedrec.common.privacy import MechanismStep, calibrate_noise, default_delta, prior_noise
+from fedrec.common.evaluation import BLEND_WEIGHTS
+from fedrec.common.prior import CollaborativePrior, head_items, plan_releases
+from fedrec.common.privacy import MechanismStep, calibrate_noise, default_delta
+from fedrec.common.recommender import build_recommender
 from fedrec.common.rundir import read_jsonl
 from fedrec.simulations.central import Sources
 from fedrec.simulations.federated import simulate
@@ -118,10 +119,13 @@ def run_privacy(overrides: list[str], eps: float, variant: str, sources: Sources
         "clients": len(ledgers), "rounds": len(rounds), "bytes_up_per_client_round": int(up),
         "model_bytes": rounds[0]["model_bytes"], "bytes_ratio": up / rounds[0]["model_bytes"],
         "round_seconds": round(sum(r["seconds"] for r in rounds) / len(rounds), 1),
-        "train_seconds": round(wall, 1), "prior_weight": final["prior_weight"],
+        "train_seconds": round(wall, 1), "blend_weight": final["blend_weight"],
     }
     name = f"fed-dp-{variant}-eps{eps:g}"
     rows = [base_row(cfg, name, final["test"], **extra)]
+    if "test_cf_only" in final:
+        rows[0]["cf_only_ndcg@10"] = round(final["test_cf_only"][f"ndcg@{cfg.eval.ks[0]}"], 5)
+        rows[0]["llm_contribution_ndcg@10"] = round(rows[0]["ndcg@10"] - rows[0]["cf_only_ndcg@10"], 5)
     if "test_llm_only" in final:
         rows.append(base_row(cfg, name + "-llm-only", final["test_llm_only"], **extra))
     return rows
@@ -146,19 +150,26 @@ def run_local(overrides: list[str], eps: float, sources: Sources, tmp: Path) -> 
         job = ClientJob(cfg, local, dataset, part, loaded=loaded)
         delta = max(delta, job.delta)
         req = RoundRequest("local", 0, cfg.fed.rounds, cfg.fed.local_epochs, cfg.train.lr)
-        counts = job.prior_counts(req).tensors["counts"].numpy().astype("float64") \
-            if cfg.prior.enabled else None
+        prior = None
+        if cfg.prior.enabled:  # this client's own releases, its own head
+            counts = job.prior_counts(req).tensors["counts"].numpy().astype("float64")
+            head = head_items(counts, cfg.prior.head_size)
+            cooc = job.cooccurrence(req, head).tensors["cooccurrence"].numpy().astype("float64") \
+                if cfg.prior.cooccurrence else None
+            prior = CollaborativePrior(counts, head if cooc is not None else head[:0], cooc)
         current = dict(trainable)
         for rnd in range(1, cfg.fed.rounds + 1):
             out = job.train(current, RoundRequest("local", rnd, cfg.fed.rounds, cfg.fed.local_epochs,
-                                                  cfg.train.lr))
+                                                  cfg.train.lr), prior=prior)
             current = {**current, **out.tensors}
             spent = max(spent, out.metrics["epsilon"])
-        betas = list(PRIOR_WEIGHTS) if counts is not None else []
-        valid = job.evaluate(current, which="valid", counts=counts, betas=betas).metrics
+        weights = list(BLEND_WEIGHTS) if prior is not None else []
+        valid = job.evaluate(current, which="valid", prior=prior, weights=weights).metrics
         ndcg = valid.get(f"ndcg@{cfg.eval.ks[0]}", [0.0])
-        beta = betas[max(range(len(ndcg)), key=ndcg.__getitem__)] if betas else 0.0
-        test = job.evaluate(current, which="test", counts=counts, betas=[beta, 0.0]).metrics
+        weight = weights[max(range(len(ndcg)), key=ndcg.__getitem__)] if weights else 1.0
+        test = job.evaluate(current, which="test", prior=prior, weights=[weight]).metrics
+        llm = job.evaluate(current, which="test", prior=None, weights=[]).metrics
+        test = {k: [v[0], llm[k][0]] if k.startswith(("hr@", "ndcg@", "mrr@")) else v for k, v in test.items()}
         n = test["num-examples"]
         users += n
         for key, values in test.items():
@@ -175,7 +186,7 @@ def run_local(overrides: list[str], eps: float, sources: Sources, tmp: Path) -> 
 
 
 def run_scale(overrides: list[str], clients: int, users: int, sources: Sources, tmp: Path) -> dict[str, Any]:
-    cfg = load_config(None, [*overrides, f"fed.clients={clients}", "fed.rounds=1", "fed.local_epochs=0.5",
+    cfg = load_config(None, [*overrides, f"fed.clients={clients}", "fed.rounds=1", "fed.local_epochs=1",
                              f"data.max_users={users}", "prior.enabled=false", "privacy.target_epsilon=8"])
     out = tmp / f"scale-{clients}"
     shutil.rmtree(out, ignore_errors=True)
@@ -190,29 +201,25 @@ def run_scale(overrides: list[str], clients: int, users: int, sources: Sources, 
 
 
 def noise_rows() -> list[dict[str, Any]]:
-    """σ and per-step noise std / clip norm on the averaged update, for federated plans at ε = 8
-    (half of it spent on the prior release, as shipped)."""
+    """σ and per-step noise std / clip norm on the noisy sum normalised by the users, for the
+    shipped plans at ε = 8 (the prior releases taking their budget share first)."""
     rows = []
-    plans = [  # (label, users in all, clients, rounds, steps per round at each client, batch)
-        ("naive: 5 clients x 10 rounds x 6 steps", 150, 5, 10, 6, 16),
-        ("central: 1 x 3 epochs", 150, 1, 1, None, 16),
-        ("shipped default: 3 clients x 3 rounds x 1 epoch", 150, 3, 3, None, 16),
-        ("full ml-100k: 3 clients x 3 rounds x 1 epoch", 943, 3, 3, None, 16),
-        ("full ml-100k: 5 institutions x 3 rounds x 1 epoch, batch 64", 943, 5, 3, None, 64),
+    plans = [  # (label, users in all, clients, rounds, steps per round at each client)
+        ("central: 1 party x 15 full-batch steps", 943, 1, 1, 15),
+        ("shipped default: 3 clients x 3 rounds x 5 full-batch steps", 943, 3, 3, 5),
+        ("movielens-institutions: 5 clients x 5 rounds x 5 full-batch steps", 943, 5, 5, 5),
     ]
-    for label, users, clients, rounds, steps, batch in plans:
+    for label, users, clients, rounds, steps in plans:
         n = users // clients
-        q = min(1.0, batch / n)
-        per_round = steps if steps is not None else max(1, round((3.0 if clients == 1 else 1.0) / q))
         delta = default_delta(n)
-        prior = prior_noise(target_epsilon=8.0, delta=delta, share=0.5)
-        sigma = calibrate_noise(target_epsilon=8.0, delta=delta, sample_rate=q, steps=per_round * rounds,
-                                prior=[MechanismStep(prior, 1.0, 1)])
-        rows.append({"method": "noise", "plan": label, "users_per_client": n, "sample_rate": round(q, 4),
-                     "steps_total": per_round * rounds, "noise_multiplier": round(sigma, 3),
-                     "prior_noise_multiplier": round(prior, 3),
-                     "noise_std_over_clip_per_step": round(sigma / (q * n), 4),
-                     "after_fedavg_over_clients": round(sigma / (q * n) / clients ** 0.5, 4)})
+        plan = plan_releases(epsilon=8.0, delta=delta, share=0.75, popularity_share=0.3, cooccurrence=True)
+        sigma = calibrate_noise(target_epsilon=8.0, delta=delta, sample_rate=1.0, steps=steps * rounds,
+                                prior=plan.steps)
+        rows.append({"method": "noise", "plan": label, "users_per_client": n, "sample_rate": 1.0,
+                     "steps_total": steps * rounds, "noise_multiplier": round(sigma, 3),
+                     "prior_noise_multipliers": [round(x.noise_multiplier, 3) for x in plan.steps],
+                     "noise_std_over_clip_per_step": round(sigma / n, 4),
+                     "after_fedavg_over_clients": round(sigma / n / clients ** 0.5, 4)})
     return rows
 
 
@@ -247,7 +254,7 @@ def main() -> None:
     parser.add_argument("--eps", default="8,4,1")
     parser.add_argument("--variants", default="lora,ffa")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--label", default="reduced CPU scale (defaults)")
+    parser.add_argument("--label", default="full size (defaults: all 943 users)")
     parser.add_argument("--scale-clients", default="10,100", help="client counts of the scale part")
     parser.add_argument("--scale-users", type=int, default=400, help="users in all, for the scale part")
     args = parser.parse_args()

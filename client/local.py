@@ -326,6 +326,7 @@ class ClientJob:
             lr=self.cfg.train.dp_lr if dp else req.lr, batch_size=self.cfg.train.batch_size,
             objective=objective(self.cfg), residual=residual_cf(prior, self.cfg), dp=dp,
             accountant=state.accountant if dp else None, proximal_mu=req.proximal_mu,
+            popularity=prior.popularity if prior is not None else None,
         )
         result = trainer.run(steps, desc=f"{self.local.name} round {req.round}", progress=False)
         tensors = adapter_state(self.loaded.model, variant=self.cfg.lora.variant)

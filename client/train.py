@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from fedrec.common.config import Config
 from fedrec.common.prior import CollaborativePrior
 from fedrec.common.privacy import PrivacyAccountant
-from fedrec.common.recommender import Catalogue, ItemEncoder, item_vectors
+from fedrec.common.recommender import Catalogue, ItemEncoder
 from opacus.optimizers import DPOptimizer
 from tqdm import tqdm
 
@@ -59,6 +59,9 @@ class Objective:
     window: int = 20  # history items pooled into the user vector
     max_len: int = 100  # most recent training items of a user that enter the loss
     temperature: float = 0.07
+    # Negatives per step: drawn uniformly from the public catalogue, shared by every user of the
+    # step (they depend on no one's data); a user's own items are never their negatives.
+    negatives: int = 0
 
 
 # --- the collaborative residual ---------------------------------------------------------------
@@ -103,7 +106,7 @@ def residual_cf(prior: CollaborativePrior | None, cfg: Config) -> ResidualCF | N
 
 def objective(cfg: Config) -> Objective:
     return Objective(window=cfg.data.max_history, max_len=cfg.train.max_sequence,
-                     temperature=cfg.train.temperature)
+                     temperature=cfg.train.temperature, negatives=cfg.train.negatives)
 
 
 # --- the per-user loss --------------------------------------------------------------------------
@@ -120,58 +123,130 @@ def pack(sequences: Sequence[Sequence[int]], *, max_len: int) -> torch.Tensor:
     return out
 
 
-def sequence_loss(vectors: torch.Tensor, seq: torch.Tensor, cf: torch.Tensor | None, *,
-                  objective: Objective) -> torch.Tensor:
-    """One user's mean next-item cross-entropy over positions 1..T-1. vectors (I, H), seq (T,)."""
-    valid = seq >= 0  # (T,)
-    x = vectors[seq.clamp(min=0)] * valid.unsqueeze(-1)  # (T, H)
-    csum = torch.cat([torch.zeros_like(x[:1]), torch.cumsum(x, dim=0)])  # (T+1, H)
-    t = torch.arange(1, seq.shape[0])
-    lo = (t - objective.window).clamp(min=0)
-    users = F.normalize(csum[t] - csum[lo], dim=-1)  # (T-1, H) mean of the window, normalised
-    logits = users @ vectors.T / objective.temperature  # (T-1, I)
+@dataclass(frozen=True)
+class StepItems:
+    """What every user's loss in one step shares: the frozen catalogue, its centre, the negatives."""
+
+    frozen: torch.Tensor  # (I, H) item states without the adapter effect
+    inputs: torch.Tensor  # (I, D_in) the adapted module's inputs
+    center: torch.Tensor  # (H,) the catalogue mean of the current states (public; no gradient)
+    negatives: torch.Tensor | None  # (K,) item indices; None: the whole catalogue (full softmax)
+    log_kq: torch.Tensor  # (K,) log(K·Q_i) of each negative, Q the sampling distribution
+    blocked: torch.Tensor | None = None  # (I,) bool: items outside training (cold-start protocol)
+
+
+def step_items(encoder: ItemEncoder, catalogue: Catalogue, frozen: torch.Tensor,
+               params: Mapping[str, torch.Tensor], negatives: torch.Tensor | None,
+               proposal: torch.Tensor | None = None, blocked: torch.Tensor | None = None) -> StepItems:
+    """`proposal` (I,): the distribution the negatives were drawn from (None: uniform)."""
+    inputs = catalogue.inputs.to(encoder.device)
+    with torch.no_grad():
+        center = encoder.adapted_states(frozen, inputs, params).mean(dim=0)
+    if negatives is None:
+        return StepItems(frozen, inputs, center, None, torch.zeros(0), blocked)
+    k = negatives.numel()
+    q = proposal[negatives] if proposal is not None else torch.full((k,), 1.0 / frozen.shape[0])
+    return StepItems(frozen, inputs, center, negatives, torch.log(k * q.double()).float(), blocked)
+
+
+def user_losses(encoder: ItemEncoder, params: Mapping[str, torch.Tensor], seqs: torch.Tensor,
+                cf: torch.Tensor | None, items: StepItems, *, objective: Objective) -> torch.Tensor:
+    """(B,) each user's mean next-item cross-entropy over positions 1..T-1 of their sequence.
+
+    seqs (B, T) left-padded with -1; cf (B, T-1, I) fixed CF logits or None; `params` shared or
+    with a leading dimension B (one copy per user, for per-user gradients). Candidates of user b:
+    their own T items (only the target's column is live at each position) and the K negatives.
+    """
+    if items.negatives is None:
+        return _full_softmax_losses(encoder, params, seqs, cf, items, objective=objective)
+    b, t = seqs.shape
+    idx = torch.cat([seqs.clamp(min=0), items.negatives.expand(b, -1)], dim=1)  # (B, n)
+    n = idx.shape[1]
+    states = encoder.adapted_states(items.frozen[idx], items.inputs[idx], params)  # (B, n, H)
+    vectors = F.normalize(states - items.center, dim=-1)
+    valid = seqs >= 0  # (B, T)
+    x = vectors[:, :t] * valid.unsqueeze(-1)
+    csum = torch.cat([torch.zeros_like(x[:, :1]), torch.cumsum(x, dim=1)], dim=1)  # (B, T+1, H)
+    pos = torch.arange(1, t)
+    lo = (pos - objective.window).clamp(min=0)
+    users = F.normalize(csum[:, pos] - csum[:, lo], dim=-1)  # (B, T-1, H) mean of the window
+    logits = users @ vectors.transpose(1, 2) / objective.temperature  # (B, T-1, n)
+    if cf is not None:
+        logits = logits + cf.gather(2, idx.unsqueeze(1).expand(b, t - 1, n))
+    column = torch.arange(n)
+    # sampled softmax: a negative drawn with probability Q_i (K draws) is corrected by -log(K·Q_i)
+    correction = torch.cat([torch.zeros(t), items.log_kq.to(logits.dtype)])  # (n,)
+    logits = logits - correction
+    live = (column[None, :] >= t) | (column[None, :] == pos[:, None])  # (T-1, n): target or negative
+    mine = (idx[:, t:, None] == seqs[:, None, :]).any(dim=-1)  # (B, K) a negative that is the user's
+    live = live[None] & ~torch.cat([torch.zeros((b, t), dtype=torch.bool), mine], dim=1)[:, None, :]
+    logits = logits.masked_fill(~live, float("-inf"))
+    ce = F.cross_entropy(logits.reshape(-1, n), pos.repeat(b), reduction="none").view(b, t - 1)
+    weight = (valid[:, 1:] & (torch.cumsum(valid, dim=1)[:, :-1] > 0)).float()
+    return (ce * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
+
+
+def _full_softmax_losses(encoder: ItemEncoder, params: Mapping[str, torch.Tensor], seqs: torch.Tensor,
+                         cf: torch.Tensor | None, items: StepItems, *, objective: Objective) -> torch.Tensor:
+    """user_losses with the whole catalogue as candidates; the user's earlier items are left out
+    of each position's softmax, as evaluation leaves the history out of the ranking."""
+    b, t = seqs.shape
+    states = encoder.adapted_states(items.frozen, items.inputs, params)  # (I, H) or (B, I, H)
+    vectors = F.normalize(states - items.center, dim=-1)
+    if vectors.dim() == 2:
+        vectors = vectors.expand(b, -1, -1)
+    valid = seqs >= 0
+    x = torch.gather(vectors, 1, seqs.clamp(min=0).unsqueeze(-1).expand(-1, -1, vectors.shape[-1]))
+    x = x * valid.unsqueeze(-1)  # (B, T, H)
+    csum = torch.cat([torch.zeros_like(x[:, :1]), torch.cumsum(x, dim=1)], dim=1)
+    pos = torch.arange(1, t)
+    lo = (pos - objective.window).clamp(min=0)
+    users = F.normalize(csum[:, pos] - csum[:, lo], dim=-1)  # (B, T-1, H)
+    logits = users @ vectors.transpose(1, 2) / objective.temperature  # (B, T-1, I)
     if cf is not None:
         logits = logits + cf
-    ce = F.cross_entropy(logits, seq[1:].clamp(min=0), reduction="none")
-    has_history = (torch.cumsum(valid.float(), dim=0)[:-1] > 0).float()
-    weight = valid[1:].float() * has_history
-    return (ce * weight).sum() / weight.sum().clamp(min=1.0)
+    # The user's earlier items stay in the softmax (as negatives): measured, leaving them out
+    # (as evaluation leaves the history out of the ranking) stopped the encoder from learning.
+    if items.blocked is not None:
+        logits = logits.masked_fill(items.blocked[None, None, :], float("-inf"))
+    targets = seqs[:, 1:].clamp(min=0)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view(b, t - 1)
+    weight = (valid[:, 1:] & (torch.cumsum(valid, dim=1)[:, :-1] > 0)).float()
+    return (ce * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
 
 
-def batch_losses(encoder: ItemEncoder, catalogue: Catalogue, params: Mapping[str, torch.Tensor],
-                 seqs: torch.Tensor, cf: torch.Tensor | None, *, objective: Objective) -> torch.Tensor:
-    """(B,) per-user losses (differentiable in params)."""
-    vectors = item_vectors(encoder.states(catalogue, params))
-
-    def one(seq: torch.Tensor, cf_u: torch.Tensor | None) -> torch.Tensor:
-        return sequence_loss(vectors, seq, cf_u, objective=objective)
-
-    return torch.func.vmap(one, in_dims=(0, 0 if cf is not None else None))(seqs, cf)
-
-
-def per_user_gradients(encoder: ItemEncoder, catalogue: Catalogue, params: Mapping[str, torch.Tensor],
-                       seqs: torch.Tensor, cf: torch.Tensor | None, *, objective: Objective,
-                       chunk: int = 64) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Per-user gradients {name: (B, *shape)} and losses (B,), vectorised with torch.func."""
-    detached = {k: v.detach() for k, v in params.items()}
-
-    def loss(p: dict[str, torch.Tensor], seq: torch.Tensor, cf_u: torch.Tensor | None) -> torch.Tensor:
-        vectors = item_vectors(encoder.states(catalogue, p))
-        return sequence_loss(vectors, seq, cf_u, objective=objective)
-
-    grad_fn = torch.func.vmap(torch.func.grad_and_value(loss), in_dims=(None, 0, 0 if cf is not None else None))
-    grads: dict[str, list[torch.Tensor]] = {k: [] for k in detached}
+def per_user_gradients(encoder: ItemEncoder, params: Mapping[str, torch.Tensor], seqs: torch.Tensor,
+                       cf: torch.Tensor | None, items: StepItems, *, objective: Objective,
+                       chunk: int = 32) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-user gradients {name: (B, *shape)} and losses (B,) in one vectorised pass per chunk:
+    every user gets a copy of the parameters, so one backward of Σ_u loss_u gives each copy the
+    gradient of its own user's loss."""
+    grads: dict[str, list[torch.Tensor]] = {k: [] for k in params}
     losses = []
     for start in range(0, seqs.shape[0], chunk):
+        part = seqs[start : start + chunk]
+        copies = {k: v.detach().unsqueeze(0).repeat(part.shape[0], *([1] * v.dim())).requires_grad_(True)
+                  for k, v in params.items()}
         part_cf = cf[start : start + chunk] if cf is not None else None
-        g, value = grad_fn(detached, seqs[start : start + chunk], part_cf)
-        for k in grads:
-            grads[k].append(g[k])
-        losses.append(value)
+        loss = user_losses(encoder, copies, part, part_cf, items, objective=objective)
+        for k, g in zip(copies, torch.autograd.grad(loss.sum(), list(copies.values())), strict=True):
+            grads[k].append(g)
+        losses.append(loss.detach())
     return {k: torch.cat(v) for k, v in grads.items()}, torch.cat(losses)
 
 
 # --- the trainer ------------------------------------------------------------------------------
+
+
+def proposal(popularity: np.ndarray | None, num_items: int, *, floor: float = 0.1) -> torch.Tensor | None:
+    """(I,) negative-sampling distribution ∝ max(noisy count, 0) + floor·mean (None: uniform)."""
+    if popularity is None:
+        return None
+    if len(popularity) != num_items:
+        raise ValueError(f"popularity has {len(popularity)} items, the catalogue {num_items}")
+    counts = torch.as_tensor(np.clip(popularity, 0.0, None), dtype=torch.double)
+    weights = counts + floor * counts.mean().clamp(min=1e-9)
+    return (weights / weights.sum()).double()
 
 
 def entropy_seed() -> int:
@@ -196,6 +271,9 @@ class LocalTrainer:
         accountant: PrivacyAccountant | None = None,
         proximal_mu: float = 0.0,
         seed: int | None = None,
+        optimizer: str = "adam",
+        popularity: np.ndarray | None = None,
+        blocked_items: Sequence[int] = (),
     ) -> None:
         self.encoder, self.catalogue, self.objective, self.residual = encoder, catalogue, objective, residual
         self.users = sorted(u for u, s in sequences.items() if len(s) >= 2)
@@ -206,12 +284,24 @@ class LocalTrainer:
         self.params = encoder.trainable()
         if not self.params:
             raise ValueError("the model has no trainable (LoRA) parameters")
+        self.frozen = encoder.frozen_states(catalogue)  # (I, H), computed once
+        # Negatives follow the (public, noisy) popularity where a prior was released: popular items
+        # are the hard negatives, and the sampled softmax is corrected by log(K·Q)
+        self.proposal = proposal(popularity, len(catalogue))
+        # items that did not exist at training time (the cold-start protocol): never in a softmax
+        self.blocked: torch.Tensor | None = None
+        if len(blocked_items):
+            self.blocked = torch.zeros(len(catalogue), dtype=torch.bool)
+            self.blocked[torch.as_tensor(list(blocked_items), dtype=torch.long)] = True
         self.dp = dp
         # FedProx: after each step pull the weights towards the round's starting point,
         # w <- w - lr·mu·(w - w0). It depends on no data, so under DP it is post-processing.
         self.lr, self.proximal_mu = lr, proximal_mu
         self.anchor = {k: p.detach().clone() for k, p in self.params.items()} if proximal_mu > 0 else None
-        base = torch.optim.Adam(list(self.params.values()), lr=lr)
+        # The optimizer only post-processes the noisy sum; Adam by default, SGD where the update's
+        # size must stay proportional to the gradient (the canary audit scores that size).
+        params = list(self.params.values())
+        base = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
         self.optimizer: torch.optim.Optimizer = base
         if dp is not None:
             if accountant is None:
@@ -234,32 +324,47 @@ class LocalTrainer:
     def _cf(self, rows: torch.Tensor) -> torch.Tensor | None:
         return self.residual.logits(self.seqs[rows]) if self.residual is not None else None
 
+    def _items(self) -> StepItems:
+        """This step's shared items: fresh negatives (from the trainer's RNG), the centre."""
+        num_items = len(self.catalogue)
+        if self.objective.negatives == 0:  # full softmax
+            return step_items(self.encoder, self.catalogue, self.frozen, self.params, None, blocked=self.blocked)
+        p = self.proposal.numpy() if self.proposal is not None else None
+        if self.blocked is not None:
+            p = p if p is not None else np.full(num_items, 1.0 / num_items)
+            p = np.where(self.blocked.numpy(), 0.0, p)
+            p = p / p.sum()
+        negatives = torch.as_tensor(np.sort(self.rng.choice(num_items, size=self.objective.negatives, p=p)),
+                                    dtype=torch.long)
+        return step_items(self.encoder, self.catalogue, self.frozen, self.params, negatives, self.proposal,
+                          self.blocked)
+
     def step(self, rows: torch.Tensor) -> float:
         """One optimizer step on these users (row indices); returns their mean loss."""
         self.encoder.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        items = self._items()
         if self.dp is None:
             if rows.numel() == 0:
                 return float("nan")
-            losses = batch_losses(self.encoder, self.catalogue, self.params, self.seqs[rows], self._cf(rows),
-                                  objective=self.objective)
-            loss = losses.mean()
+            loss = user_losses(self.encoder, self.params, self.seqs[rows], self._cf(rows), items,
+                               objective=self.objective).mean()
             loss.backward()
             self.optimizer.step()
             self._proximal()
             return loss.item()
-        grads, mean_loss = self._dp_grads(rows)
+        grads, mean_loss = self._dp_grads(rows, items)
         for k, p in self.params.items():
             p.grad_sample = grads[k]  # type: ignore[attr-defined]
         self.optimizer.step()  # Opacus: clip each user, sum, add N(0, σ²C²), divide by the normaliser
         self._proximal()
         return mean_loss
 
-    def _dp_grads(self, rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+    def _dp_grads(self, rows: torch.Tensor, items: StepItems) -> tuple[dict[str, torch.Tensor], float]:
         """Per-user gradients {name: (B, *shape)} of these users, and their mean loss."""
         if rows.numel():
-            grads, losses = per_user_gradients(self.encoder, self.catalogue, self.params, self.seqs[rows],
-                                               self._cf(rows), objective=self.objective)
+            grads, losses = per_user_gradients(self.encoder, self.params, self.seqs[rows], self._cf(rows), items,
+                                               objective=self.objective)
             return grads, float(losses.mean())
         # an empty Poisson batch is still a step of the mechanism: pure noise, one zero row
         return {k: torch.zeros((1, *p.shape)) for k, p in self.params.items()}, float("nan")

@@ -80,6 +80,7 @@ class TrainConfig:
     sample_rate: float = 1.0
     dp_epochs: float = 15.0  # central DP training: expected passes (= steps at sample_rate 1)
     max_sequence: int = 100  # most recent training items of a user in the all-position loss
+    negatives: int = 256  # uniform catalogue negatives per step, shared by the step's users
     temperature: float = 0.07  # softmax temperature over cosine similarities
     seed: int = 0  # model initialisation, user sampling for max_users, data partitions
 
@@ -94,6 +95,7 @@ class TrainConfig:
             raise ConfigError(f"train.sample_rate={self.sample_rate} must be in (0, 1]")
         _positive("train.dp_epochs", self.dp_epochs)
         _positive("train.max_sequence", self.max_sequence)
+        _positive("train.negatives", self.negatives)
         _positive("train.temperature", self.temperature)
 
 

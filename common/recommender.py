@@ -33,6 +33,7 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 ITEM_PROMPT = "Item: {text}"
+_A, _B = "lora_A.default.weight", "lora_B.default.weight"  # the adapted module's LoRA parameters
 _NORM_NAMES = ("norm", "ln_f", "final_layernorm")
 _LAYER_NAMES = ("layers", "h", "blocks")
 
@@ -59,6 +60,10 @@ class ItemEncoder:
         self.block = _last_block(decoder)
         self.norm = _final_norm(decoder)
         self.adapted = _find(self.block, target)
+        dropouts: Any = getattr(self.adapted, "lora_dropout", {})
+        if "default" in dropouts and not isinstance(dropouts["default"], nn.Identity):
+            raise ConfigError("lora.dropout must be 0 for the item encoder (its per-user gradients use "
+                              "the adapter as plain tensors)")
         self._check_exact()
 
     @property
@@ -124,6 +129,30 @@ class ItemEncoder:
         """(N, H) final states of free texts through the whole adapted model (text queries)."""
         a, r = self._capture([self.prompt_ids(t) for t in texts])
         return self.norm(r + self.adapted(a)).float()
+
+    # -- the adapted part as plain tensors (per-user copies of the parameters in DP training) --
+
+    @torch.no_grad()
+    def frozen_states(self, catalogue: Catalogue) -> torch.Tensor:
+        """(I, H) residual + the base module's output: each item's state with no adapter effect."""
+        base = getattr(self.adapted, "base_layer", self.adapted)
+        return catalogue.residual.to(self.device) + base(catalogue.inputs.to(self.device)).float()
+
+    def lora_weights(self, params: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B): from `params` where given (e.g. per-user copies with a leading batch dim), else the module's."""
+        module: Any = self.adapted
+        a = params.get(_A, module.lora_A["default"].weight)
+        b = params.get(_B, module.lora_B["default"].weight)
+        return a, b
+
+    def adapted_states(self, frozen: torch.Tensor, inputs: torch.Tensor,
+                       params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """final_norm(frozen + s·B·A·inputs); frozen (..., n, H), inputs (..., n, D_in), A and B
+        shared (2-D) or one copy per leading index (3-D). Equal to `states` (tested)."""
+        a, b = self.lora_weights(params)
+        scale = float(self.adapted.scaling["default"])  # type: ignore[index]
+        delta = (inputs @ a.transpose(-1, -2)) @ b.transpose(-1, -2)
+        return self.norm(frozen + scale * delta).float()
 
     def trainable(self) -> dict[str, nn.Parameter]:
         """The adapted module's trainable LoRA parameters, by their name inside that module."""

@@ -259,7 +259,7 @@ def _trainer(ctx: Context, loaded: Loaded, prior: CollaborativePrior | None, *, 
         loaded.encoder, _catalogue(ctx), {u: ctx.split.train[u] for u in ctx.users},
         lr=cfg.train.dp_lr if dp else cfg.train.lr, batch_size=cfg.train.batch_size, objective=objective(cfg),
         residual=residual_cf(prior, cfg), dp=dp, accountant=accountant,
-        seed=None if dp else cfg.train.seed,
+        seed=None if dp else cfg.train.seed, popularity=prior.popularity if prior is not None else None,
     )
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from fedrec.client.local import load_split, simulated_clients
-from fedrec.client.train import DPSettings, LocalTrainer, objective, steps_for_epochs
+from fedrec.client.train import DPSettings, LocalTrainer, StepItems, objective, steps_for_epochs
 from fedrec.common.audit import FAIL, PASS, WARN, Check
 from fedrec.common.config import Config
 from fedrec.common.errors import ConfigError
@@ -58,6 +58,7 @@ NOTE = ("Each canary user joins one client's users with probability ½; the clie
         "Gradient canaries contribute a Dirac gradient on a LoRA coordinate of their own and are scored by "
         "how far the adapter moved along it (white-box); input canaries have a random "
         "history and target item and are scored by the model's log-probability of the target (black-box). "
+        "The optimizer is plain SGD (post-processing of the noisy sums, like Adam in training). "
         "The auditor guesses 'in' for the k₊ highest scores and 'out' for the k₋ lowest (k₊ = k₋ = m/10, "
         "fixed in advance). A lower bound above the claimed ε would prove the claim false; one well below "
         "it is expected (few canaries, one run). The run without noise shows the audit's power.")
@@ -211,7 +212,9 @@ class CanaryTrainer(LocalTrainer):
         names = [f"~canary-{i:05d}" for i in range(len(plan.included))]  # sort after every real user
         members = {n: i for i, n in enumerate(names) if plan.included[i]}
         canaries = {n: plan.examples[i] if kind == "input" else (0, 0) for n, i in members.items()}
-        super().__init__(encoder, catalogue, {**sequences, **canaries}, seed=seed, **kwargs)
+        # SGD: the adapter's move along a canary's coordinate is then proportional to the noisy sum
+        # there (Adam would move every coordinate by about lr and hide the canaries' size)
+        super().__init__(encoder, catalogue, {**sequences, **canaries}, seed=seed, optimizer="sgd", **kwargs)
         self.plan, self.kind = plan, kind
         self.canary_rows = {self.users.index(n): i for n, i in members.items()}
         self.dirac_size = GRADIENT_SCALE * clip_norm
@@ -226,13 +229,13 @@ class CanaryTrainer(LocalTrainer):
         self.coords = [(keys[int(j)], int(f - offsets[j])) for f, j in zip(flat, where, strict=True)]
         self.initial = {k: p.detach().clone() for k, p in self.params.items()}
 
-    def _dp_grads(self, rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+    def _dp_grads(self, rows: torch.Tensor, items: StepItems) -> tuple[dict[str, torch.Tensor], float]:
         if self.kind != "gradient":
-            return super()._dp_grads(rows)
+            return super()._dp_grads(rows, items)
         picked = rows.tolist()
         real = torch.as_tensor([r for r in picked if r not in self.canary_rows], dtype=torch.long)
         sampled = [self.canary_rows[r] for r in picked if r in self.canary_rows]
-        grads, loss = super()._dp_grads(real)
+        grads, loss = super()._dp_grads(real, items)
         if not sampled:
             return grads, loss
         dirac = {k: torch.zeros((len(sampled), *p.shape)) for k, p in self.params.items()}

@@ -12,8 +12,8 @@ from fedrec.client.local import LocalSettings
 from fedrec.common import chain
 from fedrec.common.config import Config, load_config
 from fedrec.common.lora import tensors_digest
-from fedrec.common.recommender import build_recommender
 from fedrec.common.privacy import MechanismStep, epsilon
+from fedrec.common.recommender import build_recommender
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 

@@ -9,19 +9,19 @@ from fedrec.client.train import (
     LocalTrainer,
     Objective,
     ResidualCF,
-    batch_losses,
     pack,
     per_user_gradients,
-    sequence_loss,
+    step_items,
+    user_losses,
 )
 from fedrec.common.config import LoraConfig
 from fedrec.common.lora import adapter_state, attach_lora
 from fedrec.common.privacy import MechanismStep, PrivacyAccountant, epsilon
-from fedrec.common.recommender import ItemEncoder, item_vectors
+from fedrec.common.recommender import ItemEncoder
 
 TEXTS = [f"Movie {i} ({1990 + i}) | Genre {i % 3}" for i in range(12)]
 SEQS = {"u1": [0, 1, 2, 3], "u2": [4, 5, 6], "u3": [7, 8, 9, 10, 11]}
-OBJ = Objective(window=2, max_len=5, temperature=0.1)
+OBJ = Objective(window=2, max_len=5, temperature=0.1, negatives=6)
 
 
 def _encoder(model, tok) -> ItemEncoder:
@@ -49,18 +49,25 @@ def test_pack_keeps_the_most_recent_items_left_padded() -> None:
     assert seqs.tolist() == [[3, 4, 5, 6], [-1, -1, -1, 7]]
 
 
-def test_sequence_loss_is_the_hand_computed_all_position_cross_entropy() -> None:
-    vectors = torch.nn.functional.normalize(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)), dim=-1)
-    seq = torch.tensor([-1, 0, 1, 2])  # predict 1 from [0], 2 from [0, 1] (window 2)
-    obj = Objective(window=2, max_len=4, temperature=0.5)
+def test_user_loss_is_the_hand_computed_all_position_sampled_softmax(tiny_model, tiny_tokenizer) -> None:
+    trainer = _trainer(tiny_model, tiny_tokenizer, dp=None)
+    _randomise_b(trainer)
+    negatives = torch.tensor([0, 2, 5, 6, 9, 11])
+    items = step_items(trainer.encoder, trainer.catalogue, trainer.frozen, trainer.params, negatives)
+    seq = torch.tensor([[-1, 4, 5, 6]])  # u2: predict 5 from [4], 6 from [4, 5] (window 2)
 
-    loss = sequence_loss(vectors, seq, None, objective=obj)
+    loss = user_losses(trainer.encoder, trainer.params, seq, None, items, objective=OBJ)
 
-    u1 = vectors[0]
-    u2 = torch.nn.functional.normalize(vectors[0] + vectors[1], dim=0)
-    ce = [torch.nn.functional.cross_entropy((u @ vectors.T / 0.5)[None], torch.tensor([t]))
-          for u, t in ((u1, 1), (u2, 2))]
-    assert loss.item() == pytest.approx(float(sum(ce) / 2), rel=1e-5)
+    with torch.no_grad():
+        states = trainer.encoder.states(trainer.catalogue)
+        vectors = torch.nn.functional.normalize(states - states.mean(dim=0), dim=-1)
+    expected = []
+    for history, target in (([4], 5), ([4, 5], 6)):
+        user = torch.nn.functional.normalize(vectors[history].sum(dim=0), dim=0)
+        candidates = [target, *(n for n in negatives.tolist() if n not in (4, 5, 6))]  # never the user's own
+        logits = user @ vectors[candidates].T / OBJ.temperature
+        expected.append(torch.nn.functional.cross_entropy(logits[None], torch.tensor([0])))
+    assert loss.item() == pytest.approx(float(sum(expected) / 2), rel=1e-4)
 
 
 def test_lora_weights_change_after_an_opacus_step(tiny_model, tiny_tokenizer) -> None:
@@ -96,17 +103,17 @@ def test_vectorised_per_user_gradients_equal_the_per_user_loop(tiny_model, tiny_
     trainer = _trainer(tiny_model, tiny_tokenizer, dp=None)
     _randomise_b(trainer)
     seqs = trainer.seqs
+    items = trainer._items()
 
-    grads, losses = per_user_gradients(trainer.encoder, trainer.catalogue, trainer.params, seqs, None,
-                                       objective=OBJ, chunk=2)
+    grads, losses = per_user_gradients(trainer.encoder, trainer.params, seqs, None, items, objective=OBJ, chunk=2)
 
     for u in range(seqs.shape[0]):
-        loss = batch_losses(trainer.encoder, trainer.catalogue, trainer.params, seqs[u : u + 1], None,
-                            objective=OBJ)[0]
+        loss = user_losses(trainer.encoder, trainer.params, seqs[u : u + 1], None, items, objective=OBJ)[0]
         loop = torch.autograd.grad(loss, list(trainer.params.values()))
         assert losses[u].item() == pytest.approx(loss.item(), rel=1e-5)
         for g, name in zip(loop, trainer.params, strict=True):
             assert torch.allclose(grads[name][u], g, rtol=1e-4, atol=1e-6)
+            assert g.abs().sum() > 0
 
 
 def test_opacus_clips_each_user_to_the_bound(tiny_model, tiny_tokenizer) -> None:
@@ -115,7 +122,7 @@ def test_opacus_clips_each_user_to_the_bound(tiny_model, tiny_tokenizer) -> None
                        dp=DPSettings(noise_multiplier=0.0, clip_norm=clip, sample_rate=1.0, normaliser=1),
                        lr=1.0)
     _randomise_b(trainer)
-    grads, _ = trainer._dp_grads(torch.arange(1))
+    grads, _ = trainer._dp_grads(torch.arange(1), trainer._items())
     raw = torch.sqrt(sum((g**2).sum() for g in grads.values()))
     for name, p in trainer.params.items():
         p.grad_sample = grads[name]
@@ -189,5 +196,6 @@ def test_training_on_the_residual_uses_the_cf_logits(make_model, tiny_tokenizer)
     a, b = with_cf.step(torch.arange(3)), without.step(torch.arange(3))
 
     assert a != pytest.approx(b)  # the loss sees the CF logits
-    vectors = item_vectors(with_cf.encoder.states(with_cf.catalogue))
-    assert vectors.shape == (12, 32)
+    with torch.no_grad():
+        adapted = with_cf.encoder.adapted_states(with_cf.frozen, with_cf.catalogue.inputs, with_cf.params)
+    assert torch.allclose(adapted, with_cf.encoder.states(with_cf.catalogue), atol=1e-5)  # the two paths agree

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from fedrec.cli import main
-from fedrec.client.train import DPSettings
+from fedrec.client.train import DPSettings, Objective
 from fedrec.common.config import load_config
-from fedrec.common.recommender import build_recommender
 from fedrec.common.privacy import PrivacyAccountant
+from fedrec.common.recommender import build_recommender
 from fedrec.simulations.empirical_audit import CanaryTrainer, draw_canaries
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,21 +42,21 @@ def test_canary_audit_has_power_and_does_not_refute_epsilon_one(tiny_data: Path,
 
 
 def test_gradient_canaries_go_through_opacus_clipping(tiny_data: Path, tmp_path: Path) -> None:
-    cfg = load_config(None, ['model.name="tiny-random"', "lora.rank=2", "lora.last_layers=1"])
-    rec = build_recommender(cfg, cache_dir=tmp_path / "cache", offline=True).rec
+    cfg = load_config(None, ['model.name="tiny-random"', "lora.rank=2"])
+    encoder = build_recommender(cfg, cache_dir=tmp_path / "cache", offline=True).encoder
     plan = draw_canaries(30, 20, seed=0)
     accountant = PrivacyAccountant()
-    trainer = CanaryTrainer(rec, plan=plan, kind="gradient", clip_norm=1.0, seed=0, sequences={},
-                            item_titles=[f"t{i}" for i in range(30)], item_texts=[f"x{i}" for i in range(30)],
-                            lr=0.1, batch_size=4, max_history=4, negatives=1,
+    trainer = CanaryTrainer(encoder, encoder.trunk([f"x{i}" for i in range(30)]), plan=plan, kind="gradient",
+                            clip_norm=1.0, seed=0, sequences={}, lr=0.1, batch_size=4,
+                            objective=Objective(window=4, max_len=4, negatives=3),
                             dp=DPSettings(0.0, 1.0, 1.0), accountant=accountant)
-    members = [f"canary-{i}" for i, inc in enumerate(plan.included) if inc]
+    members = torch.arange(len(trainer.users))  # only canaries: every included one is a user
 
-    examples = trainer.examples_for(members)
-    grads, _ = trainer._dp_grads(examples)
+    grads, _ = trainer._dp_grads(members, trainer._items())
 
-    assert examples == [] and grads[0].shape[0] == len(members)  # one per-user row per canary
-    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads))
+    assert len(trainer.users) == sum(plan.included)
+    assert all(g.shape[0] == len(members) for g in grads.values())  # one per-user row per canary
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
     assert torch.allclose(norms, torch.full_like(norms, 10.0))  # Dirac of 10·C before Opacus clips it
     trainer.run(3, progress=False)
     scores = trainer.gradient_scores()

@@ -16,8 +16,8 @@ import torch
 from fedrec.cli import main
 from fedrec.common import chain
 from fedrec.common.config import load_config
-from fedrec.common.recommender import build_recommender
 from fedrec.common.privacy import MechanismStep, epsilon
+from fedrec.common.recommender import build_recommender
 from fedrec.common.rundir import read_jsonl
 from fedrec.server import app as server_app
 from safetensors.torch import load_file
@@ -99,7 +99,7 @@ def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch, cap
     for m in seen:
         assert set(m["arrays"]) <= {"arrays"}
         for keys in m["arrays"].values():
-            assert set(keys) <= lora_keys or set(keys) == {"counts"}
+            assert set(keys) <= lora_keys or set(keys) in ({"counts"}, {"cooccurrence"})
         for metrics in m["metrics"].values():
             for value in metrics.values():
                 values = value if isinstance(value, list) else [value]
@@ -121,8 +121,11 @@ def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch, cap
         check_ledger(lines)
         assert lines == own_ledger(out, name)  # the server's copy is the client's own record
         assert lines[-1]["epsilon"] <= (1.0 if name == "client-0" else cfg.privacy.target_epsilon)
-    assert [e["round"] for e in read_jsonl(out / "ledgers" / "client-0.jsonl")] == [0]
-    assert [e["round"] for e in read_jsonl(out / "ledgers" / "client-1.jsonl")] == [0, 1, 2]
+    # round 0: the popularity and the co-occurrence release; then one line per trained round
+    assert [e["round"] for e in read_jsonl(out / "ledgers" / "client-0.jsonl")] == [0, 0]
+    assert [e["mechanism"] for e in read_jsonl(out / "ledgers" / "client-0.jsonl")] == \
+        ["prior-counts", "prior-cooccurrence"]
+    assert [e["round"] for e in read_jsonl(out / "ledgers" / "client-1.jsonl")] == [0, 0, 1, 2]
 
     assert "<svg" in (out / "report.html").read_text()
     assert "client-0" in (out / "report.md").read_text()
@@ -157,7 +160,7 @@ def test_killed_run_resumes_with_identical_ledgers(tiny_data: Path, tmp_path: Pa
     for name, before in at_kill.items():
         after = read_jsonl(out / "ledgers" / f"{name}.jsonl")
         assert after[: len(before)] == before  # nothing lost or rewritten
-        assert [e["round"] for e in after] == [0, 1, 2, 3]  # each round counted exactly once
+        assert [e["round"] for e in after] == [0, 0, 1, 2, 3]  # each release counted exactly once
         check_ledger(after)
         assert after == own_ledger(out, name)
         assert after[-1]["epsilon"] <= 8.0 + 1e-9

@@ -188,11 +188,25 @@ def user_losses(encoder: ItemEncoder, params: Mapping[str, torch.Tensor], seqs: 
 
 def _full_softmax_losses(encoder: ItemEncoder, params: Mapping[str, torch.Tensor], seqs: torch.Tensor,
                          cf: torch.Tensor | None, items: StepItems, *, objective: Objective) -> torch.Tensor:
-    """user_losses with the whole catalogue as candidates; the user's earlier items are left out
-    of each position's softmax, as evaluation leaves the history out of the ranking."""
+    """user_losses with the whole catalogue as candidates (held-out items excepted)."""
+    b, t = seqs.shape
+    logits, valid = full_softmax_logits(encoder, params, seqs, cf, items, objective=objective)
+    targets = seqs[:, 1:].clamp(min=0)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view(b, t - 1)
+    weight = (valid[:, 1:] & (torch.cumsum(valid, dim=1)[:, :-1] > 0)).float()
+    return (ce * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
+
+
+def full_softmax_logits(encoder: ItemEncoder, params: Mapping[str, torch.Tensor], seqs: torch.Tensor,
+                        cf: torch.Tensor | None, items: StepItems, *,
+                        objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T-1, I) logits of positions 1..T-1 over the catalogue (-inf for held-out items), and
+    the (B, T) mask of real (unpadded) positions."""
     b, t = seqs.shape
     states = encoder.adapted_states(items.frozen, items.inputs, params)  # (I, H) or (B, I, H)
-    vectors = F.normalize(states - items.center, dim=-1)
+    # centred by the catalogue mean of these very states, inside the graph: measured, a constant
+    # centre lets training drift all items together and the encoder stops improving
+    vectors = F.normalize(states - states.mean(dim=-2, keepdim=True), dim=-1)
     if vectors.dim() == 2:
         vectors = vectors.expand(b, -1, -1)
     valid = seqs >= 0
@@ -209,10 +223,7 @@ def _full_softmax_losses(encoder: ItemEncoder, params: Mapping[str, torch.Tensor
     # (as evaluation leaves the history out of the ranking) stopped the encoder from learning.
     if items.blocked is not None:
         logits = logits.masked_fill(items.blocked[None, None, :], float("-inf"))
-    targets = seqs[:, 1:].clamp(min=0)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view(b, t - 1)
-    weight = (valid[:, 1:] & (torch.cumsum(valid, dim=1)[:, :-1] > 0)).float()
-    return (ce * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
+    return logits, valid
 
 
 def per_user_gradients(encoder: ItemEncoder, params: Mapping[str, torch.Tensor], seqs: torch.Tensor,

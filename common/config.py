@@ -71,16 +71,18 @@ class LoraConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     methods: tuple[str, ...] = CENTRAL_METHODS  # what `fedrec train-central` runs, in order
-    epochs: float = 20.0  # non-private training: passes over the users
+    epochs: float = 10.0  # non-private training: passes over the users
     batch_size: int = 64  # non-private: users per step; DP: the public normaliser of the noisy sum
     lr: float = 3e-3  # non-private Adam learning rate
     dp_lr: float = 2e-3  # Adam learning rate under DP
     # DP: users are Poisson-sampled with this public rate (1.0: every user in every step, few
     # large steps); steps = dp_epochs / sample_rate, none of it derived from the private user count
     sample_rate: float = 1.0
-    dp_epochs: float = 15.0  # central DP training: expected passes (= steps at sample_rate 1)
+    dp_epochs: float = 5.0  # central DP training: expected passes (= steps at sample_rate 1)
     max_sequence: int = 100  # most recent training items of a user in the all-position loss
-    negatives: int = 256  # uniform catalogue negatives per step, shared by the step's users
+    # 0: full softmax over the catalogue (what learns; measured); K > 0: K negatives per step drawn
+    # from the noisy popularity and shared by the step's users (sampled softmax, logQ-corrected)
+    negatives: int = 0
     temperature: float = 0.07  # softmax temperature over cosine similarities
     seed: int = 0  # model initialisation, user sampling for max_users, data partitions
 
@@ -95,7 +97,8 @@ class TrainConfig:
             raise ConfigError(f"train.sample_rate={self.sample_rate} must be in (0, 1]")
         _positive("train.dp_epochs", self.dp_epochs)
         _positive("train.max_sequence", self.max_sequence)
-        _positive("train.negatives", self.negatives)
+        if self.negatives < 0:
+            raise ConfigError(f"train.negatives={self.negatives} must be >= 0 (0: full softmax)")
         _positive("train.temperature", self.temperature)
 
 
@@ -175,7 +178,7 @@ class FederatedConfig:
     attribute: str | None = None  # user attribute for dirichlet/attribute (None: dominant genre)
     mapping_file: str | None = None  # user_id,client CSV for partition = "mapping"
     rounds: int = 3
-    local_epochs: float = 5.0  # expected passes over the client's users per round (steps at q = 1)
+    local_epochs: float = 2.0  # expected passes over the client's users per round (steps at q = 1)
     strategy: str = "fedavg"  # fedavg | fedprox | fedadam (Flower's strategies)
     weighting: str = "users"  # users: weight by the client's user count | uniform
     proximal_mu: float = 0.01  # fedprox only

@@ -1,6 +1,8 @@
 """Local training: LoRA really changes under Opacus, DP(σ=0, C=∞) equals plain, clipping, accounting,
 vectorised per-user gradients equal the per-user loop, and the residual CF logits."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from fedrec.client.train import (
     LocalTrainer,
     Objective,
     ResidualCF,
+    full_softmax_logits,
     pack,
     per_user_gradients,
     step_items,
@@ -30,9 +33,9 @@ def _encoder(model, tok) -> ItemEncoder:
 
 
 def _trainer(model, tok, *, dp: DPSettings | None, accountant=None, batch_size: int = 3, lr=0.05,
-             residual: ResidualCF | None = None) -> LocalTrainer:
+             residual: ResidualCF | None = None, objective: Objective = OBJ) -> LocalTrainer:
     enc = _encoder(model, tok)
-    return LocalTrainer(enc, enc.trunk(TEXTS), SEQS, lr=lr, batch_size=batch_size, objective=OBJ,
+    return LocalTrainer(enc, enc.trunk(TEXTS), SEQS, lr=lr, batch_size=batch_size, objective=objective,
                         residual=residual, dp=dp, accountant=accountant, seed=0)
 
 
@@ -54,6 +57,7 @@ def test_user_loss_is_the_hand_computed_all_position_sampled_softmax(tiny_model,
     _randomise_b(trainer)
     negatives = torch.tensor([0, 2, 5, 6, 9, 11])
     items = step_items(trainer.encoder, trainer.catalogue, trainer.frozen, trainer.params, negatives)
+    assert torch.allclose(items.log_kq, torch.full((6,), math.log(6 / 12)))
     seq = torch.tensor([[-1, 4, 5, 6]])  # u2: predict 5 from [4], 6 from [4, 5] (window 2)
 
     loss = user_losses(trainer.encoder, trainer.params, seq, None, items, objective=OBJ)
@@ -66,6 +70,7 @@ def test_user_loss_is_the_hand_computed_all_position_sampled_softmax(tiny_model,
         user = torch.nn.functional.normalize(vectors[history].sum(dim=0), dim=0)
         candidates = [target, *(n for n in negatives.tolist() if n not in (4, 5, 6))]  # never the user's own
         logits = user @ vectors[candidates].T / OBJ.temperature
+        logits[1:] -= math.log(6 / 12)  # logQ: 6 uniform draws from 12 items, each stands for 2
         expected.append(torch.nn.functional.cross_entropy(logits[None], torch.tensor([0])))
     assert loss.item() == pytest.approx(float(sum(expected) / 2), rel=1e-4)
 
@@ -84,9 +89,11 @@ def test_lora_weights_change_after_an_opacus_step(tiny_model, tiny_tokenizer) ->
     assert accountant.history == (MechanismStep(1.0, 0.5, 1),)
 
 
-def test_dp_without_noise_and_clipping_equals_plain_training(make_model, tiny_tokenizer) -> None:
-    plain = _trainer(make_model(), tiny_tokenizer, dp=None)
-    dp = _trainer(make_model(), tiny_tokenizer, accountant=PrivacyAccountant(),
+@pytest.mark.parametrize("negatives", [6, 0], ids=["sampled", "full-softmax"])
+def test_dp_without_noise_and_clipping_equals_plain_training(make_model, tiny_tokenizer, negatives) -> None:
+    obj = Objective(window=2, max_len=5, temperature=0.1, negatives=negatives)
+    plain = _trainer(make_model(), tiny_tokenizer, dp=None, objective=obj)
+    dp = _trainer(make_model(), tiny_tokenizer, accountant=PrivacyAccountant(), objective=obj,
                   dp=DPSettings(noise_multiplier=0.0, clip_norm=1e9, sample_rate=1.0, normaliser=3))
     plain_init = adapter_state(plain.encoder.model)
 
@@ -99,16 +106,18 @@ def test_dp_without_noise_and_clipping_equals_plain_training(make_model, tiny_to
     assert any(not torch.allclose(a[k], plain_init[k]) for k in a)  # and training did move them
 
 
-def test_vectorised_per_user_gradients_equal_the_per_user_loop(tiny_model, tiny_tokenizer) -> None:
-    trainer = _trainer(tiny_model, tiny_tokenizer, dp=None)
+@pytest.mark.parametrize("negatives", [6, 0], ids=["sampled", "full-softmax"])
+def test_vectorised_per_user_gradients_equal_the_per_user_loop(tiny_model, tiny_tokenizer, negatives) -> None:
+    obj = Objective(window=2, max_len=5, temperature=0.1, negatives=negatives)
+    trainer = _trainer(tiny_model, tiny_tokenizer, dp=None, objective=obj)
     _randomise_b(trainer)
     seqs = trainer.seqs
     items = trainer._items()
 
-    grads, losses = per_user_gradients(trainer.encoder, trainer.params, seqs, None, items, objective=OBJ, chunk=2)
+    grads, losses = per_user_gradients(trainer.encoder, trainer.params, seqs, None, items, objective=obj, chunk=2)
 
     for u in range(seqs.shape[0]):
-        loss = user_losses(trainer.encoder, trainer.params, seqs[u : u + 1], None, items, objective=OBJ)[0]
+        loss = user_losses(trainer.encoder, trainer.params, seqs[u : u + 1], None, items, objective=obj)[0]
         loop = torch.autograd.grad(loss, list(trainer.params.values()))
         assert losses[u].item() == pytest.approx(loss.item(), rel=1e-5)
         for g, name in zip(loop, trainer.params, strict=True):
@@ -185,6 +194,27 @@ def test_residual_cf_logits_are_the_prefix_scores() -> None:
     # position 3 (from [1, 2]): 2 is not in the head, the sum is divided by √2
     expected = 2.0 * (0.1 * popularity + torch.tensor([0.0, 0.0, 0.0, 0.5 / 2**0.5]))
     assert torch.allclose(logits[0, 2], expected)
+
+
+def test_held_out_items_never_enter_a_softmax(tiny_model, tiny_tokenizer) -> None:
+    full = Objective(window=2, max_len=5, temperature=0.1, negatives=0)
+    enc = _encoder(tiny_model, tiny_tokenizer)
+    trainer = LocalTrainer(enc, enc.trunk(TEXTS), {"a": [0, 1, 2]}, lr=0.05, batch_size=1, objective=full,
+                           seed=0, blocked_items=[7, 8])
+    sampled = LocalTrainer(enc, enc.trunk(TEXTS), {"a": [0, 1, 2]}, lr=0.05, batch_size=1, seed=0,
+                           objective=Objective(window=2, max_len=5, temperature=0.1, negatives=50),
+                           blocked_items=[7, 8])
+
+    items = trainer._items()
+    drawn = torch.cat([sampled._items().negatives for _ in range(20)])
+
+    assert items.blocked is not None and items.blocked.nonzero().flatten().tolist() == [7, 8]
+    assert not set(drawn.tolist()) & {7, 8}
+    logits, _ = full_softmax_logits(enc, trainer.params, trainer.seqs, None, items, objective=full)
+    probs = torch.softmax(logits, dim=-1)
+
+    assert torch.isinf(logits[..., [7, 8]]).all() and torch.isfinite(logits[..., :7]).all()
+    assert probs[..., [7, 8]].sum() == 0  # no probability, so no gradient, for a new arrival
 
 
 def test_training_on_the_residual_uses_the_cf_logits(make_model, tiny_tokenizer) -> None:

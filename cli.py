@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=32, help="requests per micro-batch")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0,
                        help="how long a micro-batch waits for more requests")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests waiting to be scored before more are answered 503")
+    serve.add_argument("--rate", type=float, default=20.0,
+                       help="requests per second per API key or client address (429 beyond; 0: no limit)")
+    serve.add_argument("--burst", type=int, default=40, help="requests a caller may send at once")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="allow a non-loopback --host without an API key (logged loudly)")
     recommend = sub.add_parser("recommend", help="one-off recommendations from a run directory")
     _serving(recommend)
     recommend.add_argument("--history", action="append", default=[], metavar="ID_OR_TITLE",
@@ -272,8 +279,8 @@ def _serve_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _api_key(path: Path | None) -> str | None:
-    if path is None:
-        return os.environ.get(API_KEY_ENV) or None
+    if path is None:  # taken out of the environment, so that no child process inherits it
+        return os.environ.pop(API_KEY_ENV, None) or None
     try:
         key = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
@@ -283,18 +290,24 @@ def _api_key(path: Path | None) -> str | None:
     return key
 
 
+def _api_key_given(args: argparse.Namespace) -> bool:
+    return args.api_key_file is not None or bool(os.environ.get(API_KEY_ENV))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fedrec.server.serve import HttpSettings, ServeSpec, run
+    from fedrec.server.serve import HttpSettings, ServeSpec, check_bind, run
     from fedrec.server.service import locate_run
 
     locate_run(args.run_dir, args.method)  # a wrong RUN_DIR fails here, not in each worker
+    check_bind(args.host, has_key=_api_key_given(args), insecure_no_auth=args.insecure_no_auth)
     http = HttpSettings(api_key=_api_key(args.api_key_file), cors_origins=tuple(args.cors_origin),
                         batching=not args.no_batching, max_batch=args.max_batch,
-                        batch_wait_ms=args.batch_wait_ms)
+                        batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, rate=args.rate,
+                        burst=args.burst)
     sources = _sources(args)
     spec = ServeSpec(run_dir=str(args.run_dir), cache_dir=str(sources.cache_dir), offline=sources.offline,
                      serve=dataclasses.asdict(_serve_settings(args)), http=dataclasses.asdict(http))
-    run(spec, host=args.host, port=args.port, workers=args.workers)
+    run(spec, host=args.host, port=args.port, workers=args.workers, insecure_no_auth=args.insecure_no_auth)
     return 0
 
 

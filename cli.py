@@ -208,7 +208,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                           "or pass --empirical --config FILE")
     fmt = args.format or _format_of(args.output)
     trust = Trust(keys={c: load_public(Path(v)) for c, v in _pairs(args.trust, "--trust")},
-                  heads=dict(_pairs(args.expect_head, "--expect-head")), allow_legacy=args.allow_legacy)
+                  heads={c: _hex64(h) for c, h in _pairs(args.expect_head, "--expect-head")},
+                  allow_legacy=args.allow_legacy)
     report = run_audit(args.paths, trust=trust) if args.paths else empty_report()
     if args.empirical:
         from fedrec.simulations.empirical_audit import empirical_audit
@@ -239,6 +240,12 @@ def _pairs(values: Sequence[str], flag: str) -> list[tuple[str, str]]:
             raise ConfigError(f"{flag} {text!r}: expected CLIENT=VALUE, e.g. {flag} hospital-a=...")
         out.append((client.strip(), value.strip()))
     return out
+
+
+def _hex64(text: str) -> str:
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text.lower()):
+        raise ConfigError(f"--expect-head {text!r}: expected a chain head, 64 hex digits (an entry_sha256)")
+    return text.lower()
 
 
 def _format_of(output: Path | None) -> str:

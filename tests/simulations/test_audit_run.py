@@ -337,5 +337,7 @@ def test_trust_flags_are_checked(run_dir: Path, tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().err.count("\n") == 1
     assert main(["audit", str(run_dir), "--trust", f"nobody={run_dir / 'clients/client-0/ledger.pub'}"]) == 1
     assert "--trust nobody" in capsys.readouterr().err
+    assert main(["audit", str(run_dir), "--expect-head", "client-0=nothex"]) == 2
+    assert "64 hex digits" in capsys.readouterr().err
     assert main(["audit", str(run_dir), "--expect-head", "client-0=" + "ab" * 32]) == 1
     assert "[client-0]: chain head = expected" in capsys.readouterr().err

@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--model", help="--empirical: local model directory, .gguf file or hub id")
     audit.add_argument("--cache-dir", type=Path)
     audit.add_argument("--offline", action="store_true")
+    audit.add_argument("--trust", action="append", default=[], metavar="CLIENT=KEY.pub",
+                       help="the institution's ledger public key (from `fedrec deploy keygen`), obtained "
+                            "from it directly; its ledger's signatures must verify against it (repeatable)")
+    audit.add_argument("--expect-head", action="append", default=[], metavar="CLIENT=HEX",
+                       help="a chain head (entry_sha256) the institution reported; its ledger must reach "
+                            "it (repeatable)")
+    audit.add_argument("--allow-legacy", action="store_true",
+                       help="accept unchained or unsigned ledgers and truncated heads as warnings "
+                            "(ledgers written by older versions); otherwise they fail")
     deploy = sub.add_parser("deploy", help="set up a real federation (SuperLink + SuperNodes)")
     deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
     init = deploy_sub.add_parser("init", help="certificates, SuperNode keys, commands and READMEs")
@@ -72,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--app-dir", type=Path, help="the fedrec source tree `flwr run` packages")
     init.add_argument("--insecure", action="store_true",
                       help="DEVELOPMENT ONLY: no TLS, no SuperNode authentication, one machine")
+    init.add_argument("--institution-keys", type=Path, metavar="DIR",
+                      help="the institutions' public keys, as `fedrec deploy keygen` wrote them: "
+                           "DIR/<name>/supernode.pub and DIR/<name>/ledger.pub (required unless --insecure)")
+    init.add_argument("--control-host", default="127.0.0.1", metavar="HOST",
+                      help="interface of the SuperLink's HTTP port in superlink.sh; the Control API "
+                           "shares it in Flower 1.42 (default loopback: expose it only behind a proxy "
+                           "that forwards the Fleet API alone, see the coordinator README)")
+    keygen = deploy_sub.add_parser("keygen", help="an institution's own keys: ledger signing + SuperNode")
+    keygen.add_argument("dir", type=Path, help="where to write them (e.g. the institution's state dir)")
+    keygen.add_argument("--name", help="the institution's name (comment of the SuperNode key)")
+    keygen.add_argument("--no-supernode-key", action="store_true",
+                        help="only the ledger key (a simulated client, or a second state dir)")
     serve = sub.add_parser("serve", help="HTTP recommendation service over a run directory")
     _serving(serve)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback)")
@@ -85,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=32, help="requests per micro-batch")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0,
                        help="how long a micro-batch waits for more requests")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests waiting to be scored before more are answered 503")
+    serve.add_argument("--rate", type=float, default=20.0,
+                       help="requests per second per API key or client address (429 beyond; 0: no limit)")
+    serve.add_argument("--burst", type=int, default=40, help="requests a caller may send at once")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="allow a non-loopback --host without an API key (logged loudly)")
     recommend = sub.add_parser("recommend", help="one-off recommendations from a run directory")
     _serving(recommend)
     recommend.add_argument("--history", action="append", default=[], metavar="ID_OR_TITLE",
@@ -170,6 +198,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from fedrec.common.audit import Trust
+    from fedrec.common.chain import load_public
     from fedrec.simulations.audit import empty_report, run_audit
     from fedrec.simulations.audit_report import render
 
@@ -177,7 +207,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise ConfigError("fedrec audit: name a run directory or ledger file, "
                           "or pass --empirical --config FILE")
     fmt = args.format or _format_of(args.output)
-    report = run_audit(args.paths) if args.paths else empty_report()
+    trust = Trust(keys={c: load_public(Path(v)) for c, v in _pairs(args.trust, "--trust")},
+                  heads={c: _hex64(h) for c, h in _pairs(args.expect_head, "--expect-head")},
+                  allow_legacy=args.allow_legacy)
+    report = run_audit(args.paths, trust=trust) if args.paths else empty_report()
     if args.empirical:
         from fedrec.simulations.empirical_audit import empirical_audit
 
@@ -199,18 +232,41 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(values: Sequence[str], flag: str) -> list[tuple[str, str]]:
+    out = []
+    for text in values:
+        client, sep, value = text.partition("=")
+        if not sep or not client.strip() or not value.strip():
+            raise ConfigError(f"{flag} {text!r}: expected CLIENT=VALUE, e.g. {flag} hospital-a=...")
+        out.append((client.strip(), value.strip()))
+    return out
+
+
+def _hex64(text: str) -> str:
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text.lower()):
+        raise ConfigError(f"--expect-head {text!r}: expected a chain head, 64 hex digits (an entry_sha256)")
+    return text.lower()
+
+
 def _format_of(output: Path | None) -> str:
     suffix = output.suffix.lower().lstrip(".") if output else ""
     return {"htm": "html", "html": "html", "json": "json"}.get(suffix, "md")
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from fedrec.server.deploy import INSECURE_BANNER, init_deployment, parse_institutions
+    from fedrec.server.deploy import INSECURE_BANNER, init_deployment, institution_keygen, parse_institutions
 
+    if args.deploy_command == "keygen":
+        written = institution_keygen(args.dir, name=args.name, supernode=not args.no_supernode_key)
+        sys.stdout.write("".join(f"  {p}\n" for p in written)
+                         + "private keys (*.key) stay here; send only the .pub files to the coordinator "
+                           "and ledger.pub to your privacy officer\n")
+        return 0
     dep = init_deployment(
         args.dir, institutions=parse_institutions(args.institutions), superlink=args.superlink,
         insecure=args.insecure, app_dir=args.app_dir, site_root=args.site_root,
-        epsilon_budget=args.epsilon_budget,
+        epsilon_budget=args.epsilon_budget, institution_keys=args.institution_keys,
+        control_host=args.control_host,
     )
     if dep.insecure:
         sys.stderr.write(f"\n!!! {INSECURE_BANNER}\n\n")
@@ -230,8 +286,8 @@ def _serve_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _api_key(path: Path | None) -> str | None:
-    if path is None:
-        return os.environ.get(API_KEY_ENV) or None
+    if path is None:  # taken out of the environment, so that no child process inherits it
+        return os.environ.pop(API_KEY_ENV, None) or None
     try:
         key = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
@@ -241,18 +297,24 @@ def _api_key(path: Path | None) -> str | None:
     return key
 
 
+def _api_key_given(args: argparse.Namespace) -> bool:
+    return args.api_key_file is not None or bool(os.environ.get(API_KEY_ENV))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fedrec.server.serve import HttpSettings, ServeSpec, run
+    from fedrec.server.serve import HttpSettings, ServeSpec, check_bind, run
     from fedrec.server.service import locate_run
 
     locate_run(args.run_dir, args.method)  # a wrong RUN_DIR fails here, not in each worker
+    check_bind(args.host, has_key=_api_key_given(args), insecure_no_auth=args.insecure_no_auth)
     http = HttpSettings(api_key=_api_key(args.api_key_file), cors_origins=tuple(args.cors_origin),
                         batching=not args.no_batching, max_batch=args.max_batch,
-                        batch_wait_ms=args.batch_wait_ms)
+                        batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, rate=args.rate,
+                        burst=args.burst)
     sources = _sources(args)
     spec = ServeSpec(run_dir=str(args.run_dir), cache_dir=str(sources.cache_dir), offline=sources.offline,
                      serve=dataclasses.asdict(_serve_settings(args)), http=dataclasses.asdict(http))
-    run(spec, host=args.host, port=args.port, workers=args.workers)
+    run(spec, host=args.host, port=args.port, workers=args.workers, insecure_no_auth=args.insecure_no_auth)
     return 0
 
 

@@ -36,6 +36,7 @@ from fedrec.common.data import leave_one_out, load_dataset
 from fedrec.common.errors import ConfigError, DataError
 from fedrec.common.prior import CollaborativePrior
 from fedrec.common.recommender import build_recommender
+from fedrec.common.rundir import package_versions
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -90,6 +91,7 @@ def make_client_app(settings: SettingsFn | None = None) -> ClientApp:
 
 def settings_from_context(context: Context) -> tuple[Config, LocalSettings]:
     """Config from the app's run_config; the client's own settings from its node config."""
+    require_pinned_version(context.node_config)
     cfg = from_run_config(context.run_config)
     node = context.node_config
     cache_dir = Path(str(node.get("cache-dir", ""))) if node.get("cache-dir") else default_cache_dir()
@@ -109,6 +111,19 @@ def settings_from_context(context: Context) -> tuple[Config, LocalSettings]:
         state_dir = Path("fedrec-client-state") / name
     delta = float(node["delta"]) if "delta" in node else None  # type: ignore[arg-type]
     return cfg, LocalSettings(name, state_dir, budget, delta, cache_dir, bool(default_offline()))
+
+
+def require_pinned_version(node: Mapping[str, Any]) -> None:
+    """Refuse to run when the institution pinned `fedrec-version` in its settings and the code it
+    was sent reports another (server/deploy.py writes the pin). A guard against an unagreed
+    upgrade, not against code that lies about its version (README "Deployment")."""
+    pinned = node.get("fedrec-version")
+    if not pinned:
+        return
+    running = package_versions(("fedrec",))["fedrec"]
+    if str(pinned) != running:
+        raise ConfigError(f"version-conflict: this institution pinned fedrec {pinned} (settings.toml "
+                          f"fedrec-version) but the submitted app is fedrec {running}; refused")
 
 
 def _job(cfg: Config, local: LocalSettings, context: Context) -> ClientJob:

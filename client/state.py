@@ -7,7 +7,9 @@ either loses an unreleased computation (no privacy spent) or keeps the whole rec
     <state_dir>/state.json          accountant history, ledger, σ, the rounds already answered
     <state_dir>/ledger.jsonl        the same ledger, one line per release, for people and audits
                                     (a hash chain: common/chain.py; each line also carries the
-                                    sha256 of the tensors it released)
+                                    sha256 of the tensors it released, and is signed with
+                                    <state_dir>/ledger.key, made on first use or by
+                                    `fedrec deploy keygen <state_dir>`)
     <state_dir>/replies/<run>-<round>.safetensors   the adapter tensors released in that round
 
 A request for a round the client already answered (the server crashed and resumed) is answered
@@ -127,7 +129,7 @@ class ClientState:
         entry = None
         if ledger_entry is not None:
             entry = chain.link({**ledger_entry, "run_id": run_id, "adapter_sha256": tensors_digest(tensors)},
-                               self.ledger)
+                               self.ledger, signer=chain.state_signer(self.root))  # <root>/ledger.key
             self.ledger.append(entry)
         self.answered[key] = {"file": name, "metrics": dict(metrics), "ledger": entry}
         state = {

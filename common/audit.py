@@ -1,8 +1,11 @@
 """Checks over one client's privacy ledger: ε re-derived independently, budget, δ, chain, rounds.
 
 Every check yields a `Check` with status PASS, FAIL or WARN (and INFO for stated facts). A ledger
-passes when no check FAILs; a WARN (e.g. a ledger written before hash chains) is shown to the
-reader but does not fail the audit. Pure functions over JSON-like dicts: no torch, no files.
+passes when no check FAILs; a WARN is shown to the reader but does not fail the audit. A ledger
+that is not chained or not signed FAILs unless the auditor accepts legacy ledgers
+(`Trust.allow_legacy`); signatures that verify only against the key the ledger names itself are a
+WARN (whoever can write the ledger could have re-signed it), against a key the auditor was given
+(`Trust.keys`) a PASS. Pure functions over JSON-like dicts: no torch, no files.
 """
 
 from __future__ import annotations
@@ -41,6 +44,17 @@ class Tolerance:
 
 
 @dataclass(frozen=True)
+class Trust:
+    """What the auditor brings from outside the audited files: institutions' public ledger keys
+    (client -> hex, from `fedrec deploy keygen`'s ledger.pub), chain heads an institution reported
+    (client -> entry_sha256), and whether ledgers written before chains/signatures are accepted."""
+
+    keys: Mapping[str, str] = field(default_factory=dict)
+    heads: Mapping[str, str] = field(default_factory=dict)
+    allow_legacy: bool = False
+
+
+@dataclass(frozen=True)
 class Check:
     name: str
     status: str
@@ -58,6 +72,7 @@ class RunContext:
     own_copy: Sequence[Mapping[str, Any]] | None  # the client's own ledger, where the run holds it
     budget: float | None = None  # the configured budget (when the ledger does not record one)
     batch_size: int | None = None  # train.batch_size: q must be batch_size / users (Poisson)
+    budget_binding: bool = False  # the run's config set this client's budget: the ledger must agree
 
 
 @dataclass
@@ -102,15 +117,21 @@ class ClientAudit:
 
 def audit_ledger(
     client: str, entries: Sequence[Mapping[str, Any]], *, source: str, context: RunContext | None = None,
-    tol: Tolerance = Tolerance(), mid_chain: bool = False,
+    tol: Tolerance = Tolerance(), mid_chain: bool = False, trust: Trust = Trust(),
 ) -> ClientAudit:
     """Run every check on one client's ledger (and, with `context`, against its run)."""
     audit = ClientAudit(client, source, [dict(e) for e in entries], chain_head=chain.head(entries))
     fields = _check_fields(audit.entries)
     audit.checks.append(fields)
-    audit.checks.append(_check_chain(audit.entries, mid_chain=mid_chain))
+    audit.checks.append(_check_chain(audit.entries, mid_chain=mid_chain, allow_legacy=trust.allow_legacy))
+    if audit.entries:
+        audit.checks.append(_check_signatures(audit.entries, trust.keys.get(client), trust.allow_legacy))
+        audit.checks.append(_check_rng(audit.entries))
     if context is not None:
         audit.checks += [_check_rounds(audit.entries, context), _check_copy(audit.entries, context)]
+    if client in trust.heads:
+        audit.checks.append(check_head(context.own_copy if context and context.own_copy is not None
+                                       else audit.entries, trust.heads[client]))
     if fields.status == FAIL or not audit.entries:
         return audit
     audit.budget = _recorded(audit.entries, "budget", context.budget if context else None)
@@ -119,8 +140,8 @@ def audit_ledger(
     history = [MechanismStep(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in audit.entries]
     audit.rederived = accountants.running_epsilons(history, audit.delta)
     audit.checks += [
-        _check_epsilon(audit, tol), _check_budget(audit, tol), _check_delta(audit),
-        _check_sampling(audit, context.batch_size if context else None),
+        _check_epsilon(audit, tol), _check_budget(audit, tol), _check_budget_fixed(audit.entries, context),
+        _check_delta(audit), _check_sampling(audit, context.batch_size if context else None),
     ]
     return audit
 
@@ -146,18 +167,80 @@ def _check_fields(entries: Sequence[Mapping[str, Any]]) -> Check:
     return Check(name, PASS, f"{len(entries)} releases, each with σ, q, steps, δ and ε")
 
 
-def _check_chain(entries: Sequence[Mapping[str, Any]], *, mid_chain: bool) -> Check:
+def _check_chain(entries: Sequence[Mapping[str, Any]], *, mid_chain: bool,
+                 allow_legacy: bool = False) -> Check:
     name = "hash chain"
     report = chain.verify(entries, mid_chain=mid_chain)
+    legacy = WARN if allow_legacy else FAIL
     if report.status == "broken":
-        return Check(name, FAIL, "; ".join(report.problems))
+        first = entries[0].get("seq") if entries else None
+        truncated = ([f"the ledger starts at seq {first}, not 0: its first {first} entries are missing "
+                      "(a truncated head); audit the client's whole ledger, or pass --allow-legacy to "
+                      "take its first link on trust"]
+                     if not mid_chain and isinstance(first, int) and first > 0 else [])
+        return Check(name, FAIL, "; ".join(truncated + list(report.problems)))
     if report.status == "unchained":
-        return Check(name, WARN, "unchained: the ledger was written before hash chains; edits, deletions "
-                     "and reordering cannot be detected")
+        return Check(name, legacy, "unchained: no entry carries chain fields (written before hash chains, "
+                     "or its chain stripped); edits, deletions and reordering cannot be detected"
+                     + ("" if allow_legacy else " — accepted only with --allow-legacy"))
     notes = "; ".join(report.notes)
-    if report.status == "partly-unchained" or notes:
+    if report.status == "partly-unchained":
+        return Check(name, legacy, notes + ("" if allow_legacy else " — accepted only with --allow-legacy"))
+    if notes:
         return Check(name, WARN, notes)
     return Check(name, PASS, f"{len(entries)} entries linked, head {chain.head(entries)[:16]}…")
+
+
+def _check_signatures(entries: Sequence[Mapping[str, Any]], trusted: str | None, allow_legacy: bool) -> Check:
+    name = "ledger signatures"
+    report = chain.verify_signatures(entries, trusted=trusted, allow_unsigned_prefix=allow_legacy)
+    if report.status == "unsigned":
+        return Check(name, WARN if allow_legacy else FAIL,
+                     "unsigned: no entry carries a signature (written before signed ledgers, or its "
+                     "signatures stripped); anyone who can write the file could have written it"
+                     + ("" if allow_legacy else " — accepted only with --allow-legacy"))
+    if report.status == "bad":
+        return Check(name, FAIL, "; ".join(report.problems))
+    if report.status == "self-asserted":
+        return Check(name, WARN, f"every entry verifies against key {report.signer[:16]}…, but that key is "
+                     "self-asserted (named in the ledger itself, no --trust key for this client): whoever "
+                     "can write this ledger could have re-signed it with a key of their own. Get the "
+                     "institution's ledger.pub and pass --trust CLIENT=ledger.pub")
+    return Check(name, PASS, f"every entry signed by the trusted key {report.signer[:16]}…")
+
+
+def check_head(entries: Sequence[Mapping[str, Any]], expected: str) -> Check:
+    """The head an institution reported must be the hash of an entry of this ledger (its last, or
+    an earlier one when the ledger has grown since): a truncated or rewritten ledger fails."""
+    name = "chain head = expected"
+    hashes = [str(e.get("entry_sha256", "")) for e in entries]
+    expected = expected.strip().lower()
+    if expected not in hashes:
+        return Check(name, FAIL, f"expected head {expected[:16]}… is not in this ledger (head "
+                     f"{chain.head(entries)[:16]}…): it was truncated or rewritten")
+    later = len(hashes) - 1 - hashes.index(expected)
+    return Check(name, PASS, f"the ledger reaches the expected head {expected[:16]}…"
+                 + (f" and continues {later} entries past it" if later else ""))
+
+
+def _check_rng(entries: Sequence[Mapping[str, Any]]) -> Check:
+    """Which randomness ran, as the ledger records it; never asserted beyond what is recorded."""
+    name = "randomness"
+    values = sorted({str(e["rng"]) for e in entries if "rng" in e})
+    unrecorded = sum("rng" not in e for e in entries)
+    if not values:
+        return Check(name, WARN, "not recorded in the ledger (written before RNG recording): sampling and "
+                     "noise came from seeded generators (torch, numpy) whose seed the run config "
+                     "determines; treat the noise as predictable by whoever knows that config")
+    problems = [f"{unrecorded} entries do not record their RNG"] if unrecorded else []
+    if any("deterministic" in v for v in values):
+        return Check(name, WARN, "; ".join(problems + [
+            f"rng = {', '.join(values)}: a deterministic (seeded) run for tests or benchmarks; anyone who "
+            "knows the seed can regenerate the noise, so these releases are not private"]))
+    known = {"os-entropy": "fresh OS entropy per release (cryptographically secure)"}
+    detail = "; ".join(f"rng = {v!r}" + (f": {known[v]}" if v in known else "") for v in values)
+    return Check(name, WARN if problems else INFO,
+                 "; ".join(problems + [f"recorded in the ledger: {detail}"]))
 
 
 def _check_epsilon(audit: ClientAudit, tol: Tolerance) -> Check:
@@ -198,6 +281,27 @@ def _check_budget(audit: ClientAudit, tol: Tolerance) -> Check:
     return Check(name, PASS, f"ε {audit.spent:.3f} of {audit.budget:g} spent, never over")
 
 
+def _check_budget_fixed(entries: Sequence[Mapping[str, Any]], ctx: RunContext | None) -> Check:
+    """One budget for a client's whole history, and (where the run's config set it) that one."""
+    name = "budget fixed"
+    recorded = [(e.get("round", "?"), float(e["budget"])) for e in entries if "budget" in e]
+    values = sorted({b for _, b in recorded})
+    if not recorded:
+        return Check(name, INFO, "the ledger records no budget")
+    if len(values) > 1:
+        changes = [f"round {r}: {b:g}" for (r, b), (_, prev) in zip(recorded[1:], recorded, strict=False)
+                   if b != prev]
+        return Check(name, FAIL, "the budget changes within this client's history (first "
+                     f"{recorded[0][1]:g}; " + ", ".join(changes)
+                     + "): a budget is fixed once, so ε was measured against a moved goalpost")
+    if ctx is not None and ctx.budget_binding and ctx.budget is not None \
+            and not math.isclose(values[0], float(ctx.budget), rel_tol=1e-9):
+        return Check(name, FAIL, f"every entry records budget {values[0]:g}, but the run's config.toml gives "
+                     f"this client {float(ctx.budget):g}: the ledger or the config was rewritten")
+    return Check(name, PASS, f"budget {values[0]:g} in every entry"
+                 + (" = the run's config" if ctx is not None and ctx.budget_binding else ""))
+
+
 def _check_delta(audit: ClientAudit) -> Check:
     name = "δ < 1/users"
     assert audit.delta is not None
@@ -229,7 +333,13 @@ def _check_rounds(entries: Sequence[Mapping[str, Any]], ctx: RunContext) -> Chec
     name = "rounds complete"
     rounds = [int(e.get("round", -1)) for e in entries if e.get("mechanism") == "dp-sgd"]
     problems = []
-    missing = sorted(set(ctx.trained_rounds) - set(rounds)) if ctx.dp else []
+    if not ctx.dp:
+        problems.append("the run was configured with fed.dp = false: its rounds trained without DP-SGD and "
+                        "released adapters that carry no privacy guarantee")
+    off = sorted({int(e.get("round", -1)) for e in entries if e.get("dp") is False})
+    if off:
+        problems.append(f"rounds {off} record dp = false: trained without DP")
+    missing = sorted(set(ctx.trained_rounds) - set(rounds))
     if missing:
         problems.append(f"rounds {missing} were trained (rounds.jsonl) but have no ledger entry")
     extra = sorted(set(rounds) - set(ctx.trained_rounds))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from fedrec.client.secagg import LEDGER
 from fedrec.common.config import Config, from_run_config, to_dict
-from fedrec.common.errors import AdapterError, ConfigError
+from fedrec.common.errors import AdapterError, ConfigError, DataError
 from fedrec.common.evaluation import BLEND_WEIGHTS
 from fedrec.common.lora import save_adapter, tensors_digest, validate_adapter
 from fedrec.common.prior import (
@@ -51,6 +51,7 @@ from fedrec.server.strategy import (
     to_record,
     weight_key,
 )
+from fedrec.server.validation import Identities, check_client_name, check_eval_metrics, check_release
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
@@ -68,6 +69,7 @@ class ServerState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per round
     ledgers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # client -> lines
     prior: CollaborativePrior | None = None  # the clients' summed prior releases
+    identities: Identities = field(default_factory=Identities)  # name <-> node id (not checkpointed)
 
 
 @dataclass(frozen=True)
@@ -114,10 +116,11 @@ def run_server(
         nodes = _nodes(grid, cfg, num_clients)  # all clients, or the quorum after fed.join_wait
         if cfg.fed.secagg:
             replies, failures, merged, bytes_down = _secure_round(grid, cfg, strategy, rnd, current,
-                                                                  config, nodes, spec, num_clients)
+                                                                  config, nodes, spec, num_clients,
+                                                                  identities=state.identities)
         else:
             replies, failures, merged = _plain_round(grid, cfg, strategy, rnd, current, config, spec,
-                                                     num_clients, state.prior)
+                                                     num_clients, state.prior, identities=state.identities)
             bytes_down = adapter_bytes
         trained = [r for r in replies if r.status == "ok"]
         if merged is not None:
@@ -165,6 +168,7 @@ Merged = dict[str, torch.Tensor] | None
 def _plain_round(
     grid: Grid, cfg: Config, strategy: Strategy, rnd: int, current: Mapping[str, torch.Tensor],
     config: ConfigRecord, spec: Mapping[str, Any], num_clients: int, prior: CollaborativePrior | None,
+    *, identities: Identities,
 ) -> tuple[list[Reply], list[str], Merged]:
     """Every client's adapter reaches the server; the strategy aggregates those that trained."""
     messages = list(strategy.configure_train(rnd, to_record(current), config, grid))
@@ -173,7 +177,7 @@ def _plain_round(
             m.content["prior"] = prior_record(prior)
     raw = list(grid.send_and_receive(messages, timeout=cfg.fed.timeout))
     sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set by the push
-    pairs, failures = _parse(raw, spec, rnd, sent=sent)
+    pairs, failures = _parse(raw, spec, rnd, sent=sent, identities=identities)
     replies = [r for _, r in pairs]
     ok_messages = [m for m, r in pairs if r.status == "ok"]
     if not _enough(cfg, rnd, len(replies), num_clients) or not ok_messages:
@@ -184,17 +188,20 @@ def _plain_round(
 def _secure_round(
     grid: Grid, cfg: Config, strategy: Strategy, rnd: int, current: Mapping[str, torch.Tensor],
     config: ConfigRecord, nodes: Sequence[int], spec: Mapping[str, Any], num_clients: int,
+    *, identities: Identities,
 ) -> tuple[list[Reply], list[str], Merged, int]:
     """SecAgg+: the server unmasks only the weighted mean, then applies the strategy's update to it."""
     if cfg.fed.strategy == "fedprox":  # what FedProx.configure_train would have added
         config = ConfigRecord({**dict(config), "proximal-mu": cfg.fed.proximal_mu})
     result = secagg_round(grid, cfg, rnd, current, config, nodes, weight_key(cfg))
     up = result.bytes_up // max(1, len(result.replies))
+    failures = list(result.failures)
+    named = [(nid, m) for nid, m in result.replies
+             if not _refused_identity(identities, m.get("client", f"node-{nid}"), nid, failures, rnd)]
     replies = [Reply(str(m.get("client", f"node-{nid}")), str(m.get("status", "ok")),
                      str(m.get("reason", "")), {k: v for k, v in m.items() if isinstance(v, int | float)},
                      {}, up, json.loads(str(m[LEDGER])) if LEDGER in m else None)
-               for nid, m in result.replies]
-    failures = list(result.failures)
+               for nid, m in named]
     if result.mean is None or not _enough(cfg, rnd, len(replies), num_clients):
         return replies, failures, None, result.bytes_down // max(1, len(nodes))
     try:
@@ -223,7 +230,7 @@ def _prior_release(grid: Grid, cfg: Config, state: ServerState, num_clients: int
     co-occurrence over that head; the sums are the global prior."""
     config = ConfigRecord({"run-id": state.run_id, "server-round": 0, "num-rounds": cfg.fed.rounds,
                            "local-epochs": cfg.fed.local_epochs, "lr": cfg.train.lr})
-    replies = _query(grid, cfg, num_clients, "query.prior", RecordDict({"config": config}))
+    replies = _query(grid, cfg, num_clients, "query.prior", RecordDict({"config": config}), state.identities)
     popularity = _sum_releases(replies, "counts", MECHANISM_POPULARITY, state, cfg)
     if popularity is None:
         return None
@@ -231,15 +238,17 @@ def _prior_release(grid: Grid, cfg: Config, state: ServerState, num_clients: int
     if not cfg.prior.cooccurrence:
         return CollaborativePrior(popularity, np.empty(0, np.int64), None)
     content = RecordDict({"config": config, "head": ArrayRecord(torch_state_dict={"head": torch.from_numpy(head)})})
-    replies = _query(grid, cfg, num_clients, "query.cooccurrence", content)
+    replies = _query(grid, cfg, num_clients, "query.cooccurrence", content, state.identities)
     matrix = _sum_releases(replies, "cooccurrence", MECHANISM_COOCCURRENCE, state, cfg, shape=(len(head),) * 2)
     return CollaborativePrior(popularity, head, matrix) if matrix is not None else \
         CollaborativePrior(popularity, np.empty(0, np.int64), None)
 
 
-def _query(grid: Grid, cfg: Config, num_clients: int, message_type: str, content: RecordDict) -> list[Reply]:
+def _query(grid: Grid, cfg: Config, num_clients: int, message_type: str, content: RecordDict,
+           identities: Identities) -> list[Reply]:
     messages = [Message(content, dst_node_id=n, message_type=message_type) for n in _nodes(grid, cfg, num_clients)]
-    pairs, _ = _parse(list(grid.send_and_receive(messages, timeout=cfg.fed.timeout)), None, 0)
+    pairs, _ = _parse(list(grid.send_and_receive(messages, timeout=cfg.fed.timeout)), None, 0,
+                      identities=identities)
     return [r for _, r in pairs]
 
 
@@ -254,11 +263,13 @@ def _sum_releases(replies: Sequence[Reply], key: str, mechanism: str, state: Ser
         value = r.tensors.get(key)
         array = value.numpy().astype(np.float64) if value is not None else None
         expected = shape if shape is not None else (total.shape if total is not None else None)
-        if array is None or not np.isfinite(array).all() or (expected is not None and array.shape != expected):
-            log.warning("%s release: %s sent no valid %r tensor; left out of the sum", mechanism, r.client, key)
+        line = _ledger_line(0, mechanism, r, cfg.privacy.accountant)
+        problem = check_release(array, key=key, shape=expected, line=line, ndim=len(shape) if shape else 1)
+        if problem is not None or array is None:  # server/validation.py: shape, finite, bounded
+            log.warning("%s release: %s failed: %s; left out of the sum", mechanism, r.client, problem)
             continue
         total = array if total is None else total + array
-        state.ledgers.setdefault(r.client, []).append(_ledger_line(0, mechanism, r, cfg.privacy.accountant))
+        state.ledgers.setdefault(r.client, []).append(line)
     return total
 
 
@@ -283,11 +294,15 @@ def _evaluate(
         content["prior"] = prior_record(state.prior)
     messages = [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
                 for n in _nodes(grid, cfg, num_clients)]
-    pairs, _ = _parse(list(grid.send_and_receive(messages, timeout=cfg.fed.timeout)), None, -1)
+    pairs, _ = _parse(list(grid.send_and_receive(messages, timeout=cfg.fed.timeout)), None, -1,
+                      identities=state.identities)
     replies = [r for _, r in pairs]
     sums: dict[str, np.ndarray] = {}
     users = 0.0
     for r in replies:
+        if r.status == "ok" and (problem := check_eval_metrics(r.metrics, expected_len=len(betas) or 1)):
+            log.warning("%s evaluation: %s failed: %s; left out of the mean", which, r.client, problem)
+            continue
         n = float(r.metrics.get("num-examples", 0.0))
         if r.status != "ok" or n == 0:
             continue
@@ -344,12 +359,14 @@ def _finish(
 
 def _parse(
     raw: Sequence[Message], spec: Mapping[str, Any] | None, rnd: int, *,
-    sent: Mapping[str, int] | None = None,
+    sent: Mapping[str, int] | None = None, identities: Identities | None = None,
 ) -> tuple[list[tuple[Message, Reply]], list[str]]:
-    """Replies that carry content, their tensors validated; failures (errors, bad tensors) named.
+    """Replies that carry content, their names and tensors validated; failures (errors, bad
+    names, impersonation, bad tensors) named.
 
     `sent` (message id -> destination node) names the node of an error the SuperLink wrote on
-    its behalf (e.g. "Node Unavailable"), whose source is the SuperLink itself.
+    its behalf (e.g. "Node Unavailable"), whose source is the SuperLink itself. `identities` binds
+    each client name to the node that first used it (server/validation.py).
     """
     replies: list[tuple[Message, Reply]] = []
     failures: list[str] = []
@@ -361,7 +378,10 @@ def _parse(
             continue
         c = msg.content
         status = c.config_records.get("status", ConfigRecord({"status": "ok"}))
-        client = str(status.get("client", f"node-{msg.metadata.src_node_id}"))
+        client = status.get("client", f"node-{msg.metadata.src_node_id}")
+        if _refused_identity(identities or Identities(), client, msg.metadata.src_node_id, failures, rnd):
+            continue
+        assert isinstance(client, str)
         metrics = dict(c.metric_records.get("metrics", {}))
         tensors: dict[str, torch.Tensor] = {}
         size = 0
@@ -384,6 +404,15 @@ def _parse(
         replies.append((msg, Reply(client, str(status.get("status", "ok")), str(status.get("reason", "")),
                                    metrics, tensors, size, ledger)))
     return replies, failures
+
+
+def _refused_identity(identities: Identities, client: Any, node: int, failures: list[str], rnd: int) -> bool:
+    """Whether `client` (as node `node` names itself) is refused; the reason joins `failures`."""
+    problem = identities.claim(client, node)
+    if problem is not None:
+        failures.append(problem)
+        log.warning("round %d: %s", rnd, problem)
+    return problem is not None
 
 
 def _ledger_line(rnd: int, mechanism: str, reply: Reply, accountant: str) -> dict[str, Any]:
@@ -498,6 +527,8 @@ def _write_records(run: RunDir, state: ServerState) -> None:
     """rounds.jsonl and ledgers/<client>.jsonl, rewritten from the checkpointed history."""
     run.write_text("rounds.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in state.history))
     for client, lines in state.ledgers.items():
+        if (problem := check_client_name(client)) is not None:  # e.g. a hand-edited checkpoint
+            raise DataError(f"{run.root}: the run's ledgers name a bad client: {problem}")
         text = "".join(json.dumps(x, sort_keys=True) + "\n" for x in lines)
         run.write_text(f"ledgers/{client}.jsonl", text)
     if state.round == 0 and state.prior is not None:  # the prior release survives a crash in round 1

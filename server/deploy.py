@@ -6,8 +6,15 @@ institution runs one SuperNode on its own machine, next to its own data. What is
     DIR/deployment.json              what was generated (no secrets)
     DIR/ca/ca.key                    the CA's private key: signs the SuperLink certificate; keep offline
     DIR/coordinator/                 ca.pem, superlink.pem/.key, supernodes/<name>.pub,
-                                     superlink.sh, register-supernodes.sh, run.sh, flwr-home/, README.md
-    DIR/institutions/<name>/         ca.pem, supernode.key/.pub, settings.toml, supernode.sh, README.md
+                                     ledger-keys/<name>.pub, superlink.sh, register-supernodes.sh,
+                                     run.sh, flwr-home/, README.md
+    DIR/institutions/<name>/         ca.pem, supernode.pub, settings.toml, supernode.sh, README.md
+
+Keys: every institution makes its own keys first, on its own machine (`fedrec deploy keygen
+STATE_DIR --name NAME`: the SuperNode key and the ledger-signing key), and sends only the `.pub`
+files; `deploy init --institution-keys DIR` reads DIR/<name>/supernode.pub and ledger.pub. No
+institution's private key is ever written on the coordinator's disk. (`--insecure`, development on
+one machine, needs no keys.)
 
 TLS: the SuperLink presents a certificate signed by the CA, valid for HOST and for
 127.0.0.1/localhost (the ServerApp process and the SuperExec reach it locally). Each SuperNode
@@ -23,6 +30,7 @@ import datetime
 import ipaddress
 import json
 import logging
+import math
 import re
 import shlex
 from dataclasses import asdict, dataclass
@@ -32,7 +40,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from fedrec.common import chain
 from fedrec.common.errors import ConfigError
+from fedrec.common.rundir import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,8 @@ class Deployment:
     app_dir: str
     site_root: str
     epsilon_budget: float
+    control_host: str = "127.0.0.1"  # the interface superlink.sh binds (Fleet + Control API share it)
+    fedrec_version: str = ""  # pinned in each institution's settings.toml (client/app.py refuses others)
 
     @property
     def address(self) -> str:
@@ -99,18 +111,24 @@ def check_institutions(names: tuple[str, ...]) -> tuple[str, ...]:
 def init_deployment(
     root: Path, *, institutions: tuple[str, ...], superlink: str, insecure: bool = False,
     app_dir: Path | None = None, site_root: str = "/var/lib/fedrec", epsilon_budget: float = 8.0,
+    institution_keys: Path | None = None, control_host: str = "127.0.0.1",
 ) -> Deployment:
-    """Generate everything each party needs under `root` (which must not exist or be empty)."""
+    """Generate everything each party needs under `root` (which must not exist or be empty).
+
+    `institution_keys`: DIR/<name>/supernode.pub and ledger.pub of each institution (required
+    unless `insecure`); only public keys are read, copied and registered.
+    """
     host, port = parse_superlink(superlink)
     institutions = check_institutions(institutions)
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"{root} is not empty; deploy init never overwrites keys — choose a new "
                           "directory")
-    if epsilon_budget <= 0:
-        raise ConfigError(f"--epsilon-budget={epsilon_budget} must be > 0")
+    if not math.isfinite(epsilon_budget) or epsilon_budget <= 0:
+        raise ConfigError(f"--epsilon-budget={epsilon_budget} must be a finite number > 0")
+    keys = read_institution_keys(institution_keys, institutions, insecure)
     app = (app_dir or default_app_dir()).resolve()
     dep = Deployment(str(root.resolve()), host, port, institutions, insecure, str(app), site_root,
-                     epsilon_budget)
+                     epsilon_budget, control_host, package_versions(("fedrec",))["fedrec"])
     coord = root / "coordinator"
     (coord / "supernodes").mkdir(parents=True)
     if not insecure:
@@ -123,11 +141,12 @@ def init_deployment(
     for i, name in enumerate(institutions):
         site = root / "institutions" / name
         site.mkdir(parents=True)
+        if name in keys and keys[name][0]:
+            _write(site / "supernode.pub", keys[name][0])
+            _write(coord / "supernodes" / f"{name}.pub", keys[name][0])
+        if name in keys and keys[name][1]:
+            _write(coord / "ledger-keys" / f"{name}.pub", keys[name][1])  # fedrec audit --trust
         if not insecure:
-            private, public = make_node_keys(name)
-            _write_private(site / "supernode.key", private)
-            _write(site / "supernode.pub", public)
-            _write(coord / "supernodes" / f"{name}.pub", public)
             _write(site / "ca.pem", (coord / "ca.pem").read_bytes())
         _write(site / "settings.toml", settings_toml(dep, name).encode())
         _script(site / "supernode.sh", supernode_script(dep, i))
@@ -141,6 +160,65 @@ def init_deployment(
     if insecure:
         log.warning(INSECURE_BANNER)
     return dep
+
+
+def read_institution_keys(
+    keys_dir: Path | None, institutions: tuple[str, ...], insecure: bool,
+) -> dict[str, tuple[bytes, bytes]]:
+    """name -> (supernode.pub, ledger.pub) as each institution sent them, validated."""
+    if keys_dir is None:
+        if insecure:
+            return {}
+        raise ConfigError("--institution-keys DIR is required: each institution runs `fedrec deploy keygen "
+                          "STATE_DIR --name NAME` and sends its supernode.pub and ledger.pub (put them in "
+                          "DIR/NAME/); the coordinator never makes or holds an institution's private key")
+    out: dict[str, tuple[bytes, bytes]] = {}
+    for name in institutions:
+        folder = Path(keys_dir) / name
+        if (folder / "supernode.key").exists() or (folder / "ledger.key").exists():
+            raise ConfigError(f"{folder} holds a private key; an institution sends only its .pub files — "
+                              "delete the private key from this machine and ask for new keys")
+        node = folder / "supernode.pub"
+        if not node.is_file() and not insecure:
+            raise ConfigError(f"{node} is missing: {name} sends it after `fedrec deploy keygen`")
+        node_pub = node.read_bytes() if node.is_file() else b""
+        if node_pub:
+            try:
+                key = serialization.load_ssh_public_key(node_pub)
+            except ValueError:
+                raise ConfigError(f"{node} is not an OpenSSH public key (fedrec deploy keygen writes one)") \
+                    from None
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                raise ConfigError(f"{node} is not an EC public key, which flower-supernode needs")
+        ledger = folder / chain.PUB_FILE
+        ledger_pub = b""
+        if ledger.is_file():
+            chain.load_public(ledger)  # validates
+            ledger_pub = ledger.read_bytes()
+        elif not insecure:
+            raise ConfigError(f"{ledger} is missing: {name} sends it after `fedrec deploy keygen`")
+        out[name] = (node_pub, ledger_pub)
+    return out
+
+
+def institution_keygen(out_dir: Path, *, name: str | None = None, supernode: bool = True) -> list[Path]:
+    """An institution's own keys, made on its own machine: the ledger-signing key (ledger.key/.pub,
+    Ed25519) and, with `supernode`, the SuperNode key (supernode.key/.pub, EC P-384, OpenSSH).
+    Run it with the state directory as `out_dir` so the client signs with this very key."""
+    if name is not None and not NAME.match(name):
+        raise ConfigError(f"--name {name!r} is not a valid name; use letters, digits, '-' and '_'")
+    out_dir = Path(out_dir)
+    node_key = out_dir / "supernode.key"
+    if supernode and node_key.exists():
+        raise ConfigError(f"{node_key} already exists; the SuperLink has its public half registered — "
+                          "keep it, or move it away deliberately")
+    written = list(chain.generate_key(out_dir))
+    if supernode:
+        private, public = make_node_keys(name or "institution")
+        _write_private(node_key, private)
+        _write(out_dir / "supernode.pub", public)
+        written += [node_key, out_dir / "supernode.pub"]
+    return written
 
 
 def default_app_dir() -> Path:
@@ -265,6 +343,9 @@ data = "{paths['data']}"
 # Asset cache (the base model); fill it once with `fedrec fetch` or FEDREC_CACHE.
 cache-dir = "{paths['cache-dir']}"
 # delta = 1e-6   # optional; default min(1e-5, 1/(10·users))
+# The only fedrec version this SuperNode runs: the ClientApp refuses a run whose code reports
+# another version (a SuperNode runs whatever code the coordinator submits; see README.md).
+fedrec-version = "{dep.fedrec_version}"
 """
 
 
@@ -272,11 +353,13 @@ def superlink_script(dep: Deployment) -> str:
     tls = ("--insecure" if dep.insecure else
            '--ssl-ca-certfile "$HERE/ca.pem" --ssl-certfile "$HERE/superlink.pem" '
            '--ssl-keyfile "$HERE/superlink.key" --enable-supernode-auth')
-    bind = "127.0.0.1" if dep.insecure else "0.0.0.0"
+    bind = "127.0.0.1" if dep.insecure else dep.control_host
     return f"""#!/usr/bin/env bash
-# The coordinator's SuperLink: one HTTPS port ({dep.port}) for the SuperNodes (Fleet API), the
-# flwr CLI (Control API) and the ServerApp (Runtime API). Registered SuperNode keys and runs
-# persist in state/superlink.db across restarts.{_banner(dep)}
+# The coordinator's SuperLink: one HTTPS port ({dep.port}) for the SuperNodes (Fleet API, /v1/fleet/),
+# the flwr CLI (Control API, /v1/control/: submits runs, registers keys, no account authentication
+# in Flower 1.42) and the ServerApp. It binds {bind} by default so the Control API is not exposed:
+# publish only /v1/fleet/ through a TLS reverse proxy (README.md), or set SUPERLINK_BIND
+# deliberately. Registered SuperNode keys and runs persist in state/superlink.db.{_banner(dep)}
 set -euo pipefail
 HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 mkdir -p "$HERE/state"
@@ -287,14 +370,18 @@ exec flower-superlink {tls} \\
 
 
 def supernode_script(dep: Deployment, index: int) -> str:
+    name = dep.institutions[index]
+    key = f"{site_paths(dep, name)['state-dir']}/supernode.key"
     auth = ("--insecure" if dep.insecure else
-            '--root-certificates "$HERE/ca.pem" --auth-supernode-private-key "$HERE/supernode.key"')
+            '--root-certificates "$HERE/ca.pem" --auth-supernode-private-key "$SUPERNODE_KEY"')
     return f"""#!/usr/bin/env bash
 # This institution's SuperNode: connects out to the SuperLink at {dep.address}; runs the fedrec
 # ClientApp next to the data named in settings.toml. SUPERNODE_PORT: its local Runtime API port
-# (only 127.0.0.1; change it when several SuperNodes share one machine).{_banner(dep)}
+# (only 127.0.0.1; change it when several SuperNodes share one machine). SUPERNODE_KEY: the
+# private key `fedrec deploy keygen` made here (default: in the state directory).{_banner(dep)}
 set -euo pipefail
 HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+SUPERNODE_KEY="${{SUPERNODE_KEY:-{key}}}"
 exec flower-supernode {auth} \\
     --superlink "${{SUPERLINK_ADDRESS:-{dep.address}}}" \\
     --node-config "$HERE/settings.toml" \\
@@ -353,9 +440,12 @@ def _banner(dep: Deployment) -> str:
 def institution_readme(dep: Deployment, name: str) -> str:
     paths = site_paths(dep, name)
     warn = f"\n> **{INSECURE_BANNER}**\n" if dep.insecure else ""
+    state = paths["state-dir"]
     keys = ("" if dep.insecure else
-            "- `supernode.key` — this SuperNode's private key (never leaves this machine; `chmod 600`).\n"
-            "- `supernode.pub` — its public key; the coordinator has registered a copy.\n"
+            f"- `{state}/supernode.key`, `{state}/ledger.key` — the private keys you made with "
+            f"`fedrec deploy keygen {state} --name {name}` (never leave this machine; mode 0600). The "
+            "coordinator never had them.\n"
+            "- `supernode.pub` — your SuperNode's public key, as you sent it; the coordinator registers it.\n"
             "- `ca.pem` — the federation's CA certificate; the SuperLink's certificate must chain to it.\n")
     return f"""# {name}: fedrec SuperNode
 {warn}
@@ -379,8 +469,21 @@ once the DP-noised item counts of the popularity prior, and scalar metrics (loss
 steps, δ, user count, evaluation hit rates). Never raw interactions, user ids or item ids.
 
 **Privacy.** Your ε budget is enforced here: a round that would exceed it is refused and
-reported as `over-budget`. Your guarantee is the local one: each update is clipped and noised
-here before it leaves, whatever the coordinator does.
+reported as `over-budget`. Each update is clipped and noised here before it leaves, by the fedrec
+code this SuperNode runs.
+
+**A SuperNode runs the code it is sent.** `flwr run` ships the coordinator's app (Python code)
+to every SuperNode, which executes it here with access to your data and state directory. The
+privacy guarantee therefore holds only for code you trust. `settings.toml` pins
+`fedrec-version = "{dep.fedrec_version}"`: the ClientApp refuses to run when the code it was sent
+reports another version, so an honest coordinator cannot silently ship an upgrade you did not
+agree to. The pin does not protect against a coordinator that ships modified code claiming the
+same version — only reviewing and installing the code yourself does (run the SuperNode from a
+fedrec you installed, with `--isolation process` and no runtime dependency installation).
+
+**Ledger signatures.** Every release's ledger line is signed with `{state}/ledger.key`. Give
+`ledger.pub` to your privacy officer directly (not through the coordinator): `fedrec audit
+--trust {name}=ledger.pub` then detects a ledger rewritten by anyone without your key.
 
 **Start / stop / restart.** `./supernode.sh` (Ctrl-C stops it). After a crash, start it again:
 it rejoins the running federation with the same key, and the ledger in the state directory
@@ -404,16 +507,21 @@ fedrec ServerApp runs as its subprocess when a run is submitted. Institutions: {
    — submit the run; the run directory is written here, on the coordinator.
 
 **Files.** `ca.pem` (CA certificate, public), `superlink.pem`/`superlink.key` (the SuperLink's
-certificate and private key), `supernodes/*.pub` (registered keys), `flwr-home/config.toml`
+certificate and private key), `supernodes/*.pub` (the institutions' SuperNode public keys, as they
+sent them: no institution's private key is on this machine), `ledger-keys/*.pub` (their
+ledger-signing public keys, for `fedrec audit --trust`), `flwr-home/config.toml`
 (the `flwr` CLI's connection `{CONNECTION}`). The CA's private key is in `../ca/ca.key`: it is
 needed only to issue a new SuperLink certificate — keep it offline.
 
-**Ports and firewall.** Inbound TCP {dep.port} from the institutions' addresses only. In Flower
-1.42 this one port serves the Fleet API (SuperNodes), the Control API (`flwr run`,
-`flwr supernode register`) and the Runtime API (ServerApp). Flower's open-source SuperLink has no
-account authentication on the Control API: whoever reaches the port can submit runs and register
-SuperNode keys. Restrict the port by source address to the partners, or put a reverse proxy in
-front that forwards only `/v1/fleet/` from outside and keep `flwr` commands on this host.
+**Ports and firewall.** In Flower 1.42 one port ({dep.port}) serves the Fleet API (SuperNodes,
+`/v1/fleet/`), the Control API (`flwr run`, `flwr supernode register`, `/v1/control/`) and the
+Runtime API (ServerApp). Flower's open-source SuperLink has no account authentication on the
+Control API: whoever reaches it can submit runs — code every SuperNode executes — and register
+SuperNode keys. `superlink.sh` therefore binds `{dep.control_host}` by default. Publish only the
+Fleet API: a TLS reverse proxy on the public interface (using `superlink.pem`/`superlink.key`)
+that forwards `/v1/fleet/` to 127.0.0.1:{dep.port} and refuses every other path, reachable from
+the institutions' addresses only; keep `flwr` commands on this host. `SUPERLINK_BIND=0.0.0.0`
+(or `deploy init --control-host`) exposes everything and is your decision to make.
 
 **What the coordinator sees.** Each institution's adapter update after its local DP noise (with
 `fed.secagg = true`: only their weighted sum), the noisy item counts, and scalar metrics including

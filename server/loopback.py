@@ -13,13 +13,14 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
-from fedrec.server.deploy import Deployment, init_deployment
+from fedrec.server.deploy import Deployment, init_deployment, institution_keygen
 
 # The tiny model and data of the other end-to-end tests, as `flwr run --run-config` overrides.
 TINY_RUN = (
@@ -42,12 +43,20 @@ class Federation:
                  *, epsilon_budget: float = 50.0, users: Sequence[int] | None = None) -> None:
         self.root = root
         self.port = free_port()
+        for name in names:  # each institution makes its own keys in its state dir, sends the .pub files
+            institution_keygen(self.site(name) / "state", name=name)
+            for pub in ("supernode.pub", "ledger.pub"):
+                (root / "keys" / name).mkdir(parents=True, exist_ok=True)
+                (root / "keys" / name / pub).write_bytes((self.site(name) / "state" / pub).read_bytes())
         self.dep: Deployment = init_deployment(
             root / "deploy", institutions=tuple(names), superlink=f"127.0.0.1:{self.port}",
-            site_root=str(root / "sites" / "{name}"), epsilon_budget=epsilon_budget)
+            site_root=str(root / "sites" / "{name}"), epsilon_budget=epsilon_budget,
+            institution_keys=root / "keys")
         for i, name in enumerate(names):  # by default institutions of different sizes
             write_data(self.site(name) / "data", users[i] if users else 8 + 2 * i)
-        self.env = {**os.environ, "FEDREC_OFFLINE": "1", "FEDREC_CACHE": str(root / "cache"),
+        # flower-superlink, flower-supernode and flwr beside this interpreter (a venv not on PATH)
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {**os.environ, "PATH": path, "FEDREC_OFFLINE": "1", "FEDREC_CACHE": str(root / "cache"),
                     "FLWR_HOME": str(root / "flwr-home"), "PYTHONUNBUFFERED": "1",
                     "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}

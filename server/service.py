@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import tomllib
 from collections.abc import Sequence
@@ -56,9 +57,14 @@ class ServeSettings:
     max_history: int = 200  # history entries accepted per request (the model reads the most recent)
     max_k: int = 100
     max_text_chars: int = 2000
+    # An id or title is short; resolving one costs a scan of the titles, so a request's entries
+    # are capped before any is resolved (a 64 KB entry is answered 422 at once).
+    max_entry_chars: int = 300
+    max_history_chars: int = 20_000  # all entries of one request together
 
     def __post_init__(self) -> None:
-        for key in ("max_history", "max_k", "max_text_chars", "encode_batch"):
+        for key in ("max_history", "max_k", "max_text_chars", "encode_batch", "max_entry_chars",
+                    "max_history_chars"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"serve {key}={getattr(self, key)} must be > 0")
         if self.device not in (None, "auto", "cpu", "cuda"):
@@ -220,6 +226,7 @@ class RecommenderService:
                                "a text describing the user's taste, or both")
         if isinstance(k, bool) or not 1 <= k <= s.max_k:
             raise RequestError("k", f"k={k} is out of range; use 1 to {s.max_k}")
+        _check_entries(history, max_entry=s.max_entry_chars, max_total=s.max_history_chars)
         rows = tuple(self.resolve(ref, field=f"history[{n}]") for n, ref in enumerate(history))
         return Query(rows, text, k, exclude_seen)
 
@@ -334,6 +341,23 @@ class RecommenderService:
         return out
 
 
+def _check_entries(history: Sequence[str | int], *, max_entry: int, max_total: int) -> None:
+    """Per-entry and per-request caps on the history's text, checked before anything is resolved."""
+    total = 0
+    for n, ref in enumerate(history):
+        if isinstance(ref, float) or not isinstance(ref, str | int):  # NaN, Infinity, objects
+            raise RequestError(f"history[{n}]", "an item id or title (a string or an integer) is expected")
+        # an integer id's digits, counted without printing a huge integer
+        size = len(ref) if isinstance(ref, str) else \
+            (len(str(ref)) if ref.bit_length() <= 4 * max_entry else max_entry + 1)
+        if size > max_entry:
+            raise RequestError(f"history[{n}]", f"{size} characters, at most {max_entry} per entry "
+                               "(an item id or title)")
+        total += size
+        if total > max_total:
+            raise RequestError("history", f"over {max_total} characters in all; send fewer or shorter entries")
+
+
 def _title_index(titles: Sequence[str], *, strip_year: bool) -> dict[str, list[int]]:
     """Casefolded title (or title without its year) -> rows; "X, The" also as "The X"."""
     index: dict[str, list[int]] = {}
@@ -372,12 +396,16 @@ def load_service(
     with torch.no_grad():
         states = loaded.encoder.states(catalogue).cpu()
     prior, weight = _prior(run, len(dataset.item_ids))
+    vectors = item_vectors(states)
+    if not torch.isfinite(vectors).all():
+        raise DataError(f"{run.adapter} gives non-finite item vectors (NaN or infinite weights); it "
+                        "cannot be served — check the run (fedrec audit) and serve a good checkpoint")
     cf = run.metrics.get("cf") or {}
     cf_settings = (float(cf.get("beta", cfg.prior.beta)), float(cf.get("shrink", cfg.prior.shrink)))
     info = _model_info(run, cfg, loaded, dataset, weight, merged=settings.merge)
     log.info("serving %s: %s on %s, %d items, blend weight w=%s", root, cfg.model.name, loaded.encoder.device,
              len(dataset.item_ids), weight)
-    return RecommenderService(encoder=loaded.encoder, dataset=dataset, vectors=item_vectors(states),
+    return RecommenderService(encoder=loaded.encoder, dataset=dataset, vectors=vectors,
                               text_center=states.mean(dim=0).double(), prior=prior,
                               weight=weight if weight is not None else 1.0, cf=cf_settings,
                               max_history=cfg.data.max_history, settings=settings, info=info)
@@ -406,7 +434,10 @@ def _prior(run: RunArtifacts, num_items: int) -> tuple[CollaborativePrior | None
         log.warning("%s chose blend weight w=%s but holds no %s; serving the LLM score alone",
                     run.root, weight, PRIOR_FILE)
         return None, None
-    prior = load_prior(run.prior)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+        raise DataError(f"{run.root}/final/metrics.json: blend_weight {weight!r} is not a finite number; "
+                        "the run's record is damaged and cannot be served")
+    prior = load_prior(run.prior)  # validated there: shapes, finite values
     if prior.num_items > num_items:
         raise DataError(f"{run.prior} has statistics for {prior.num_items} items but the catalogue has "
                         f"{num_items}; items may be added at the end of the item file, not removed")

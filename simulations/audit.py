@@ -17,7 +17,7 @@ from typing import Any
 
 from fedrec.common import audit
 from fedrec.common.assets import sha256_file
-from fedrec.common.audit import FAIL, INFO, PASS, WARN, Check, ClientAudit, RunContext, Tolerance
+from fedrec.common.audit import FAIL, INFO, PASS, WARN, Check, ClientAudit, RunContext, Tolerance, Trust
 from fedrec.common.errors import DataError
 from fedrec.common.rundir import package_versions
 
@@ -37,6 +37,13 @@ class RunRecord:
     prior: bool
     weighting: str
     batch_size: int | None
+    engine: str = ""  # provenance.engine: who ran the clients
+
+    @property
+    def budgets_from_config(self) -> bool:
+        """`fedrec simulate` gives each simulated client its budget from this config; deployed
+        institutions set their own (settings.toml), so config.toml says nothing about theirs."""
+        return self.engine.startswith("flwr simulation")
 
     def budget(self, client: str) -> float | None:
         return float(self.client_budgets.get(client, self.target_epsilon)) \
@@ -80,12 +87,20 @@ class AuditReport:
         return not self.failures()
 
 
-def run_audit(paths: Sequence[Path], *, tol: Tolerance | None = None) -> AuditReport:
-    """Audit every path (run dir, client state dir or ledger file)."""
+def run_audit(paths: Sequence[Path], *, tol: Tolerance | None = None,
+              trust: Trust | None = None) -> AuditReport:
+    """Audit every path (run dir, client state dir or ledger file) against `trust` (the keys and
+    heads the auditor was given; see common/audit.py)."""
     if not paths:
         raise DataError("fedrec audit: name at least one run directory or ledger file (or use --empirical)")
-    tol = tol or Tolerance()
-    targets = [_audit_path(Path(p), tol) for p in paths]
+    tol, trust = tol or Tolerance(), trust or Trust()
+    targets = [_audit_path(Path(p), tol, trust) for p in paths]
+    audited = {ca.client for t in targets for ca in t.clients}
+    for flag, names in (("--trust", trust.keys), ("--expect-head", trust.heads)):
+        for client in sorted(set(names) - audited):
+            held = ", ".join(sorted(audited))
+            targets[0].checks.append(Check(f"{flag} {client}", FAIL, f"{flag} names {client}, but no "
+                                           f"input holds a ledger of {client} (audited: {held})"))
     checksums: dict[str, str] = {}
     for t in targets:
         checksums |= _checksums(t)
@@ -100,15 +115,18 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _audit_path(path: Path, tol: Tolerance) -> Target:
+def _audit_path(path: Path, tol: Tolerance, trust: Trust) -> Target:
     if path.is_dir() and (path / "ledgers").is_dir():
-        return _audit_run(path, tol)
+        return _audit_run(path, tol, trust)
     if path.is_dir() and (path / "ledger.jsonl").is_file():
-        return _audit_client_state(path, tol)
+        return _audit_client_state(path, tol, trust)
     if path.is_file():
         target = Target(path, "ledger")
+        # a bare file must hold the whole chain: a copy starting mid-chain (a truncated head) is
+        # taken on trust only with --allow-legacy
         target.clients.append(audit.audit_ledger(_client_name(path), read_ledger(path), source=str(path),
-                                                 tol=tol, mid_chain=True))
+                                                 tol=tol, mid_chain=trust.allow_legacy, trust=trust))
+        target.assumptions = rng_assumptions(None, target.clients)
         return target
     raise DataError(f"{path} is neither a run directory (with ledgers/), a client state directory (with "
                     "ledger.jsonl) nor a ledger file; pass one of those")
@@ -118,16 +136,17 @@ def _client_name(path: Path) -> str:
     return path.parent.name if path.name == "ledger.jsonl" else path.stem
 
 
-def _audit_client_state(path: Path, tol: Tolerance) -> Target:
+def _audit_client_state(path: Path, tol: Tolerance, trust: Trust) -> Target:
     target = Target(path, "client-state")
     ledger = read_ledger(path / "ledger.jsonl")
-    ca = audit.audit_ledger(path.name, ledger, source=str(path / "ledger.jsonl"), tol=tol)
-    ca.checks.append(check_replies(path, ledger))
+    ca = audit.audit_ledger(path.name, ledger, source=str(path / "ledger.jsonl"), tol=tol, trust=trust)
+    ca.checks += [check_replies(path, ledger), check_state(path, ledger)]
     target.clients.append(ca)
+    target.assumptions = rng_assumptions(None, target.clients)
     return target
 
 
-def _audit_run(root: Path, tol: Tolerance) -> Target:
+def _audit_run(root: Path, tol: Tolerance, trust: Trust) -> Target:
     record = read_run_record(root)
     rounds = read_jsonl_checked(root / "rounds.jsonl")
     target = Target(root, "run", record)
@@ -143,9 +162,10 @@ def _audit_run(root: Path, tol: Tolerance) -> Target:
         ctx = _context(client, rounds, record, own.get(client))
         # the server's copy holds this run only: a client that took part in earlier runs starts mid-chain
         ca = audit.audit_ledger(client, read_ledger(ledgers[client]), source=str(ledgers[client]),
-                                context=ctx, tol=tol, mid_chain=True)
+                                context=ctx, tol=tol, mid_chain=True, trust=trust)
         if client in own and ctx.own_copy is not None:
-            ca.checks.append(check_replies(own[client].parent, ctx.own_copy))
+            ca.checks += [check_replies(own[client].parent, ctx.own_copy),
+                          check_state(own[client].parent, ctx.own_copy)]
         target.clients.append(ca)
     target.checks.append(Check("run record", PASS if rounds else WARN,
                                f"{len(rounds)} rounds in rounds.jsonl, {len(ledgers)} client ledgers"))
@@ -159,10 +179,11 @@ def _context(client: str, rounds: Sequence[Mapping[str, Any]], record: RunRecord
            if client in r.get("epsilon", {}) and client not in r.get("clients_refused", [])}
     trained = tuple(eps)
     return RunContext(
-        trained_rounds=trained if record.dp else (), round_epsilon=eps,
+        trained_rounds=trained, round_epsilon=eps,
         prior_released=record.prior, dp=record.dp,
         own_copy=read_ledger(own_path) if own_path else None,
         budget=record.budget(client), batch_size=record.batch_size,
+        budget_binding=record.budgets_from_config,
     )
 
 
@@ -207,33 +228,86 @@ def read_run_record(root: Path) -> RunRecord:
         accountant=str(privacy.get("accountant", "rdp")), secure_rng=bool(privacy.get("secure_rng", False)),
         dp=bool(fed.get("dp", True)), prior=bool(doc.get("prior", {}).get("enabled", False)),
         weighting=str(fed.get("weighting", "users")), batch_size=train.get("batch_size"),
+        engine=str(doc.get("provenance", {}).get("engine", "")),
     )
 
 
 def check_replies(state_dir: Path, ledger: Sequence[Mapping[str, Any]]) -> Check:
-    """The adapter (or counts) digest in each ledger line matches the reply the client stored."""
+    """Each stored reply (`replies/*.safetensors`) hashes to the digest of a ledger line of its run
+    and round, and each ledger line's reply is there: a release without a ledger line (dropped
+    from the ledger, or never accounted) fails, whatever its mechanism."""
     from fedrec.common.lora import tensors_digest
     from safetensors.torch import load_file
 
     name = "released tensors match the ledger"
-    checked, problems = 0, []
+    files = sorted((state_dir / "replies").glob("*.safetensors"))
+    digests = {tensors_digest(load_file(str(p))): p for p in files}
+    empty = tensors_digest({})
+    checked, matched, problems = 0, set(), []
     for e in ledger:
-        if "adapter_sha256" not in e or "run_id" not in e:
+        if "adapter_sha256" not in e or "run_id" not in e or e["adapter_sha256"] == empty:
             continue
-        kind = "prior" if e.get("mechanism") == "prior-counts" else "train"
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(e["run_id"]))
-        path = state_dir / "replies" / f"{safe}-{kind}-{e['round']}.safetensors"
-        if not path.is_file():
-            problems.append(f"round {e['round']}: stored reply {path.name} is missing")
+        path = digests.get(str(e["adapter_sha256"]))
+        if path is None:
+            problems.append(f"round {e['round']} ({e.get('mechanism', '?')}): no stored reply hashes to "
+                            "its adapter_sha256 (missing or altered)")
             continue
+        if not (path.name.startswith(f"{safe}-") and path.stem.endswith(f"-{e['round']}")):
+            problems.append(f"round {e['round']}: its digest matches {path.name}, a reply of another run "
+                            "or round")
         checked += 1
-        if tensors_digest(load_file(str(path))) != e["adapter_sha256"]:
-            problems.append(f"round {e['round']}: {path.name} does not match its adapter_sha256")
+        matched.add(path)
+    for path in files:
+        if path not in matched:
+            problems.append(f"stored reply {path.name} has no ledger line: a release that was never "
+                            "accounted, or whose ledger line was removed")
     if problems:
         return Check(name, FAIL, "; ".join(problems))
     if not checked:
         return Check(name, WARN, "no ledger line carries an adapter digest (written before chains)")
-    return Check(name, PASS, f"{checked} stored replies hash to the digests in the ledger")
+    return Check(name, PASS, f"{checked} stored replies hash to the digests in the ledger, none without one")
+
+
+def check_state(state_dir: Path, ledger: Sequence[Mapping[str, Any]]) -> Check:
+    """The client's accountant state (state.json) agrees with its ledger: the same lines, and the
+    accountant composed exactly the (σ, q, steps) the ledger lists."""
+    name = "accountant state = ledger"
+    path = state_dir / "state.json"
+    if not path.is_file():
+        return Check(name, WARN, f"{path} is missing: the accountant's state cannot be compared")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        history = [tuple(float(x) for x in h) for h in state["accountant"]["history"]]
+        lines = list(state["ledger"])
+    except (ValueError, KeyError, TypeError) as exc:
+        return Check(name, FAIL, f"{path} is unreadable ({exc})")
+    recorded = _merged([(float(e["noise_multiplier"]), float(e["sample_rate"]), float(e["steps"]))
+                        for e in ledger if all(k in e for k in ("noise_multiplier", "sample_rate", "steps"))])
+    history = _merged(history)
+    problems = []
+    if [dict(x) for x in lines] != [dict(e) for e in ledger]:
+        first = next((i for i, (a, b) in enumerate(zip(lines, ledger, strict=False)) if a != dict(b)),
+                     min(len(lines), len(ledger)))
+        problems.append(f"state.json's ledger ({len(lines)} lines) and ledger.jsonl ({len(ledger)}) differ "
+                        f"from entry {first} on")
+    if history != recorded:
+        problems.append(f"the accountant composed {len(history)} mechanisms, the ledger lists {len(recorded)}"
+                        + ("" if len(history) != len(recorded) else " with different (σ, q, steps)"))
+    if problems:
+        return Check(name, FAIL, "; ".join(problems))
+    return Check(name, PASS, f"state.json holds the same {len(ledger)} lines and accountant history")
+
+
+def _merged(blocks: Sequence[tuple[float, ...]]) -> list[tuple[float, ...]]:
+    """Consecutive blocks of one (σ, q) as one, as the accountant stores them (common/privacy.py)."""
+    out: list[tuple[float, ...]] = []
+    for sigma, q, steps in blocks:
+        if out and out[-1][:2] == (sigma, q):
+            out[-1] = (sigma, q, out[-1][2] + steps)
+        else:
+            out.append((sigma, q, steps))
+    return out
 
 
 # --- assumptions -----------------------------------------------------------------------------
@@ -253,12 +327,9 @@ def assumptions(record: RunRecord | None, clients: Sequence[ClientAudit]) -> lis
               "q in every DP-SGD release equals batch_size/users, the rate of the per-user Poisson sampler"
               if poisson_ok else "could not confirm q = batch_size/users for every release"),
     ]
+    out += rng_assumptions(record, clients)
     if record is not None:
         out += [
-            Check("secure RNG", INFO if record.secure_rng else WARN,
-                  "on: Opacus secure_mode (cryptographic noise)" if record.secure_rng else
-                  "off (privacy.secure_rng = false): noise from torch's PRNG, not cryptographically "
-                  "secure; the prior counts use numpy's generator in any case"),
             Check("accountant that trained", INFO, f"Opacus {record.accountant.upper()}; re-derived above "
                   "with dp-accounting RDP and PLD"),
             Check("users per client", WARN,
@@ -274,6 +345,21 @@ def assumptions(record: RunRecord | None, clients: Sequence[ClientAudit]) -> lis
               "not covered: settings and the prior weight β chosen on validation users"),
     ]
     return out
+
+
+def rng_assumptions(record: RunRecord | None, clients: Sequence[ClientAudit]) -> list[Check]:
+    """Which randomness ran, from the ledgers' `rng` fields; the config's `secure_rng` is only the
+    request, so it never makes the report say "cryptographic"."""
+    values = sorted({str(e["rng"]) for ca in clients for e in ca.entries if "rng" in e})
+    unrecorded = sum("rng" not in e for ca in clients for e in ca.entries)
+    asked = "" if record is None else f" (the config asked for privacy.secure_rng = {record.secure_rng})"
+    if not values:
+        return [Check("randomness", WARN, "the ledgers do not record which RNG ran" + asked + "; ledgers "
+                      "of this version drew sampling and noise from seeded generators (torch, numpy), "
+                      "not a cryptographic source")]
+    status = WARN if unrecorded or any("deterministic" in v for v in values) else INFO
+    return [Check("randomness", status, f"recorded in the ledgers: rng = {', '.join(values)}" + asked
+                  + (f"; {unrecorded} entries record none" if unrecorded else ""))]
 
 
 # --- provenance ------------------------------------------------------------------------------

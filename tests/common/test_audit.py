@@ -1,18 +1,24 @@
 """Ledger checks: a true ledger passes; under-reported ε, over-budget rounds, large δ, missing
-rounds, tampering and diverging copies each fail the audit with a message naming them."""
+rounds, tampering, forged signatures, stripped chains, moved budgets and diverging copies each
+fail the audit with a message naming them."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedrec.common import chain
-from fedrec.common.audit import FAIL, PASS, WARN, RunContext, audit_ledger
+from fedrec.common.audit import FAIL, INFO, PASS, WARN, RunContext, Trust, audit_ledger
 from fedrec.common.privacy import MechanismStep, epsilon
+
+SIGNER = chain.Signer(Ed25519PrivateKey.generate())  # the institution's own ledger key
+TRUST = Trust(keys={"c": SIGNER.public_hex})
 
 
 def make_ledger(rounds: int = 3, *, sigma: float = 1.0, q: float = 0.25, steps: int = 4, users: int = 32,
-                budget: float = 8.0, delta: float = 1e-5, chained: bool = True) -> list[dict[str, Any]]:
+                budget: float = 8.0, delta: float = 1e-5, chained: bool = True,
+                signer: chain.Signer | None = SIGNER) -> list[dict[str, Any]]:
     """A true ledger: a prior release (q = 1) and `rounds` DP-SGD rounds, ε from Opacus RDP."""
     history = [MechanismStep(2.0, 1.0, 1)]
     blocks = [("prior-counts", 0, history[0])]
@@ -25,8 +31,8 @@ def make_ledger(rounds: int = 3, *, sigma: float = 1.0, q: float = 0.25, steps: 
         entry = {"round": rnd, "mechanism": mechanism, "noise_multiplier": block.noise_multiplier,
                  "sample_rate": block.sample_rate, "steps": block.steps, "clip_norm": 1.0, "delta": delta,
                  "epsilon": epsilon(history[: i + 1], delta=delta), "accountant": "rdp", "users": users,
-                 "budget": budget}
-        ledger.append(chain.link(entry, ledger) if chained else entry)
+                 "budget": budget, "rng": "os-entropy"}
+        ledger.append(chain.link(entry, ledger, signer=signer) if chained else entry)
     return ledger
 
 
@@ -44,10 +50,12 @@ def context(ledger, **kw) -> RunContext:
 def test_true_ledger_passes_every_check() -> None:
     ledger = make_ledger()
 
-    audit = audit_ledger("c", ledger, source="mem", context=context(ledger))
+    audit = audit_ledger("c", ledger, source="mem", context=context(ledger), trust=TRUST)
 
     assert audit.passed, audit.checks
-    assert set(statuses(audit).values()) == {PASS}
+    assert statuses(audit).pop("randomness") == INFO  # a stated fact: which RNG the ledger records
+    assert set(statuses(audit).values()) - {INFO} == {PASS}
+    assert {k for k, v in statuses(audit).items() if v == INFO} == {"randomness"}
     assert audit.budget == 8.0 and audit.users == 32 and audit.spent == ledger[-1]["epsilon"]
     assert audit.remaining == pytest.approx(8.0 - ledger[-1]["epsilon"])
     assert len(audit.rederived["dp-accounting-pld"]) == 4
@@ -122,14 +130,16 @@ def test_each_tamper_case_fails_the_chain_check() -> None:
         assert not audit.passed, name
 
 
-def test_unchained_ledger_is_a_warning_not_a_pass() -> None:
+def test_unchained_ledger_fails_unless_legacy_is_allowed() -> None:
     ledger = make_ledger(chained=False)
 
-    audit = audit_ledger("c", ledger, source="mem")
+    strict = audit_ledger("c", ledger, source="mem")
+    legacy = audit_ledger("c", ledger, source="mem", trust=Trust(allow_legacy=True))
 
-    assert statuses(audit)["hash chain"] == WARN
-    assert audit.passed  # readable, and every other check still runs
-    assert statuses(audit)["ε re-derived"] == PASS
+    assert statuses(strict)["hash chain"] == FAIL and not strict.passed
+    assert statuses(strict)["ε re-derived"] == PASS  # every other check still runs
+    assert statuses(legacy)["hash chain"] == WARN
+    assert legacy.passed  # --allow-legacy: readable, reported unchained
 
 
 def test_wrong_sampling_rate_fails() -> None:
@@ -150,7 +160,134 @@ def test_unreadable_entry_fails_without_crashing() -> None:
 
 
 def relink(ledger: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ledger re-chained and re-signed by its own key (what the institution itself could do)."""
     out: list[dict[str, Any]] = []
     for e in ledger:
-        out.append(chain.link(e, out))
+        out.append(chain.link(e, out, signer=SIGNER))
     return out
+
+
+# --- signatures, anchors, budgets, randomness (issue 13) --------------------------------------
+
+
+def forge(ledger: list[dict[str, Any]], *, signer: chain.Signer | None = None, **changes: Any) -> list[dict[str, Any]]:
+    """Every entry changed and the whole chain recomputed; signatures kept (or re-signed by `signer`)."""
+    out: list[dict[str, Any]] = []
+    for e in ledger:
+        body = {**e, **changes}
+        linked = chain.link(body, out, signer=signer)
+        if signer is None and "signature" in e:  # the forger cannot sign: keeps the old fields
+            linked = {**linked, "signer": e["signer"], "signature": e["signature"]}
+            linked["entry_sha256"] = chain.entry_hash(linked)
+        out.append(linked)
+    return out
+
+
+def test_forged_chain_with_recomputed_hashes_fails_on_its_signatures() -> None:
+    ledger = make_ledger()
+    forged = forge(ledger, noise_multiplier=5.0)  # σ raised: ε looks smaller; every hash consistent
+
+    audit = audit_ledger("c", forged, source="mem")
+
+    assert statuses(audit)["hash chain"] == PASS  # the unkeyed chain verifies...
+    assert statuses(audit)["ledger signatures"] == FAIL  # ...its signatures do not
+    assert not audit.passed
+
+
+def test_resigned_forgery_fails_against_the_trusted_key_and_warns_without_one() -> None:
+    other = chain.Signer(Ed25519PrivateKey.generate())  # the run directory's owner's own key
+    forged = forge(make_ledger(), signer=other, noise_multiplier=5.0)
+
+    trusted = audit_ledger("c", forged, source="mem", trust=TRUST)
+    untrusted = audit_ledger("c", forged, source="mem")
+
+    assert statuses(trusted)["ledger signatures"] == FAIL and not trusted.passed
+    assert "trusted key" in next(c.detail for c in trusted.checks if c.name == "ledger signatures")
+    assert statuses(untrusted)["ledger signatures"] == WARN  # self-asserted: said so, not a pass
+    assert "self-asserted" in next(c.detail for c in untrusted.checks if c.name == "ledger signatures")
+
+
+def test_stripped_chain_and_signatures_fail() -> None:
+    stripped = [{k: v for k, v in e.items() if k not in chain.CHAIN_FIELDS + chain.SIGNATURE_FIELDS}
+                for e in make_ledger()]
+
+    audit = audit_ledger("c", stripped, source="mem")
+
+    assert statuses(audit)["hash chain"] == FAIL and statuses(audit)["ledger signatures"] == FAIL
+    assert not audit.passed
+
+
+def test_unsigned_chain_fails_unless_legacy() -> None:
+    ledger = make_ledger(signer=None)
+
+    assert statuses(audit_ledger("c", ledger, source="mem"))["ledger signatures"] == FAIL
+    assert statuses(audit_ledger("c", ledger, source="mem", trust=Trust(allow_legacy=True)))[
+        "ledger signatures"] == WARN
+
+
+def test_truncated_head_of_a_whole_ledger_fails() -> None:
+    ledger = make_ledger()[2:]  # the first two releases cut off, the rest intact and signed
+
+    audit = audit_ledger("c", ledger, source="mem", trust=TRUST)
+
+    detail = next(c.detail for c in audit.checks if c.name == "hash chain")
+    assert statuses(audit)["hash chain"] == FAIL and "truncated head" in detail
+
+
+def test_expected_head_anchors_the_ledger() -> None:
+    ledger = make_ledger()
+    head = chain.head(ledger)
+
+    ok = audit_ledger("c", ledger, source="mem", trust=Trust(heads={"c": head}))
+    grown = audit_ledger("c", ledger, source="mem", trust=Trust(heads={"c": ledger[2]["entry_sha256"]}))
+    cut = audit_ledger("c", ledger[:-1], source="mem", trust=Trust(heads={"c": head}))
+
+    assert statuses(ok)["chain head = expected"] == PASS
+    assert statuses(grown)["chain head = expected"] == PASS  # released more since the officer looked
+    assert statuses(cut)["chain head = expected"] == FAIL and not cut.passed
+
+
+def test_budget_that_changes_within_one_history_fails() -> None:
+    ledger = make_ledger(rounds=3)
+    for e in ledger[2:]:
+        e["budget"] = 50.0  # state wiped and the client restarted with a larger budget
+    ledger = relink(ledger)
+
+    audit = audit_ledger("c", ledger, source="mem")
+
+    assert statuses(audit)["budget fixed"] == FAIL
+    assert statuses(audit)["within budget"] == PASS  # 50 is never exceeded: only this check sees it
+
+
+def test_budget_rewritten_against_the_runs_config_fails() -> None:
+    ledger = relink([{**e, "budget": 100.0} for e in make_ledger()])
+
+    bound = audit_ledger("c", ledger, source="mem", context=context(ledger, budget=8.0, budget_binding=True))
+    deployed = audit_ledger("c", ledger, source="mem", context=context(ledger, budget=8.0))
+
+    assert statuses(bound)["budget fixed"] == FAIL and "config.toml" in \
+        next(c.detail for c in bound.checks if c.name == "budget fixed")
+    assert statuses(deployed)["budget fixed"] == PASS  # an institution's own settings.toml set it
+
+
+def test_randomness_is_stated_from_the_ledger_only() -> None:
+    secure = audit_ledger("c", make_ledger(), source="mem")
+    seeded = audit_ledger("c", relink([{**e, "rng": "deterministic(seed=0)"} for e in make_ledger()]),
+                          source="mem")
+    old = audit_ledger("c", relink([{k: v for k, v in e.items() if k != "rng"} for e in make_ledger()]),
+                       source="mem")
+
+    secure_c, seeded_c, old_c = (next(c for c in a.checks if c.name == "randomness") for a in (secure, seeded, old))
+    assert secure_c.status == INFO and "os-entropy" in secure_c.detail
+    assert seeded_c.status == WARN and "deterministic" in seeded_c.detail
+    assert old_c.status == WARN and "not recorded" in old_c.detail
+    assert "cryptographic" not in old_c.detail and "cryptographic" not in seeded_c.detail
+
+
+def test_a_run_or_a_round_without_dp_fails() -> None:
+    ledger = make_ledger()
+    off = relink([*ledger[:3], {**ledger[3], "dp": False}])
+
+    assert statuses(audit_ledger("c", ledger, source="mem", context=context(ledger, dp=False)))[
+        "rounds complete"] == FAIL
+    assert statuses(audit_ledger("c", off, source="mem", context=context(off)))["rounds complete"] == FAIL

@@ -19,7 +19,7 @@ from fedrec.cli import main
 from fedrec.common.config import load_config
 from fedrec.common.errors import ConfigError
 from fedrec.common.privacy import MechanismStep, epsilon
-from fedrec.common.rundir import read_jsonl
+from fedrec.common.rundir import package_versions, read_jsonl
 from fedrec.server.deploy import init_deployment, make_node_keys
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -28,12 +28,24 @@ from safetensors.torch import load_file
 # --- deploy init (no processes) --------------------------------------------------------------
 
 
+def institution_keys(tmp_path: Path, names: tuple[str, ...]) -> Path:
+    """Each institution runs `fedrec deploy keygen` on its own machine and sends the .pub files."""
+    sent = tmp_path / "received-keys"
+    for name in names:
+        assert main(["deploy", "keygen", str(tmp_path / "sites" / name / "state"), "--name", name]) == 0
+        (sent / name).mkdir(parents=True)
+        for pub in ("supernode.pub", "ledger.pub"):
+            (sent / name / pub).write_bytes((tmp_path / "sites" / name / "state" / pub).read_bytes())
+    return sent
+
+
 def test_deploy_init_writes_a_verifiable_pki_and_each_sites_own_settings(tmp_path: Path) -> None:
     root = tmp_path / "dep"
+    keys = institution_keys(tmp_path, ("hospital-a", "clinic_b"))
 
     assert main(["deploy", "init", str(root), "--institutions", "hospital-a,clinic_b",
                  "--superlink", "fl.example.org:9443", "--site-root", "/srv/{name}",
-                 "--epsilon-budget", "4"]) == 0
+                 "--epsilon-budget", "4", "--institution-keys", str(keys)]) == 0
 
     coord, site = root / "coordinator", root / "institutions" / "hospital-a"
     ca = x509.load_pem_x509_certificate((coord / "ca.pem").read_bytes())
@@ -43,14 +55,19 @@ def test_deploy_init_writes_a_verifiable_pki_and_each_sites_own_settings(tmp_pat
     assert {"fl.example.org", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
     assert ipaddress.ip_address("127.0.0.1") in san.get_values_for_type(x509.IPAddress)
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    # SuperNode keys: OpenSSH EC P-384 pairs that match, and the coordinator holds the public half
-    private = load_ssh_private_key((site / "supernode.key").read_bytes(), None)
+    # SuperNode keys: OpenSSH EC P-384 pairs the institution made; the coordinator holds the public half
+    own = tmp_path / "sites" / "hospital-a" / "state"
+    private = load_ssh_private_key((own / "supernode.key").read_bytes(), None)
     public = load_ssh_public_key((coord / "supernodes" / "hospital-a.pub").read_bytes())
     assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
     assert private.public_key().public_numbers() == public.public_numbers()  # type: ignore[union-attr]
-    assert (site / "supernode.key").stat().st_mode & 0o077 == 0
+    assert (own / "supernode.key").stat().st_mode & 0o077 == 0 and (own / "ledger.key").stat().st_mode & 0o077 == 0
     assert (root / "ca" / "ca.key").stat().st_mode & 0o077 == 0
     assert (site / "supernode.pub").read_bytes() != (root / "institutions" / "clinic_b" / "supernode.pub").read_bytes()
+    # no institution's private key on the coordinator's disk; its ledger key kept for `audit --trust`
+    private_keys = {p.relative_to(root).as_posix() for p in root.rglob("*.key")}
+    assert private_keys == {"ca/ca.key", "coordinator/superlink.key"}
+    assert (coord / "ledger-keys" / "hospital-a.pub").read_bytes() == (own / "ledger.pub").read_bytes()
     # each site's own settings; none of them in what the coordinator submits
     settings = (site / "settings.toml").read_text()
     assert 'client-name = "hospital-a"' in settings and "epsilon-budget = 4.0" in settings
@@ -60,9 +77,48 @@ def test_deploy_init_writes_a_verifiable_pki_and_each_sites_own_settings(tmp_pat
     assert "--enable-supernode-auth" in (coord / "superlink.sh").read_text()
     sn = (site / "supernode.sh").read_text()
     assert "--auth-supernode-private-key" in sn and "--root-certificates" in sn and "fl.example.org:9443" in sn
+    assert "/srv/hospital-a/state/supernode.key" in sn
     assert "register" in (coord / "register-supernodes.sh").read_text()
-    assert "What leaves this site" in (site / "README.md").read_text()
+    readme = (site / "README.md").read_text()
+    assert "What leaves this site" in readme and "runs the code it is sent" in readme
     assert "INSECURE" not in sn
+    # the Control API shares the SuperLink's port: not bound to the public interface by default
+    assert 'SUPERLINK_BIND:-127.0.0.1' in (coord / "superlink.sh").read_text()
+    assert f'fedrec-version = "{package_versions(("fedrec",))["fedrec"]}"' in settings
+
+
+def test_deploy_init_needs_the_institutions_public_keys_and_refuses_private_ones(tmp_path: Path, capsys) -> None:
+    keys = institution_keys(tmp_path, ("a",))
+
+    assert main(["deploy", "init", str(tmp_path / "d1"), "--institutions", "a", "--superlink", "h"]) == 2
+    assert "--institution-keys" in capsys.readouterr().err
+    (keys / "a" / "supernode.key").write_bytes(b"secret")  # the coordinator was sent a private key
+    assert main(["deploy", "init", str(tmp_path / "d2"), "--institutions", "a", "--superlink", "h",
+                 "--institution-keys", str(keys)]) == 2
+    assert "holds a private key" in capsys.readouterr().err
+    assert main(["deploy", "keygen", str(tmp_path / "sites" / "a" / "state")]) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_client_refuses_a_version_other_than_the_pinned_one() -> None:
+    from fedrec.client.app import require_pinned_version
+
+    require_pinned_version({"fedrec-version": package_versions(("fedrec",))["fedrec"]})
+    require_pinned_version({})  # nothing pinned (simulated clients)
+    with pytest.raises(ConfigError, match="version-conflict"):
+        require_pinned_version({"fedrec-version": "0.0.0-other"})
+
+
+def test_loopback_finds_flower_beside_the_interpreter(tmp_path: Path, dataset_writer) -> None:
+    import sys
+
+    from fedrec.server.loopback import Federation
+
+    fed = Federation(tmp_path, ("a",), dataset_writer)
+
+    assert fed.env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+    assert (Path(sys.executable).parent / "flower-superlink").exists()
+    assert not list((tmp_path / "deploy").rglob("supernode.key"))
 
 
 def test_insecure_mode_says_so_and_refuses_to_overwrite(tmp_path: Path, capsys) -> None:
@@ -247,7 +303,8 @@ def test_quorum_goes_ahead_without_a_missing_client_after_the_wait() -> None:
 
 
 def test_supernode_command_reads_the_settings_file(tmp_path: Path) -> None:
-    dep = init_deployment(tmp_path / "d", institutions=("a",), superlink="h:1")
+    keys = institution_keys(tmp_path, ("a",))
+    dep = init_deployment(tmp_path / "d", institutions=("a",), superlink="h:1", institution_keys=keys)
     done = subprocess.run(["bash", "-n", str(tmp_path / "d" / "institutions" / "a" / "supernode.sh")])
     assert done.returncode == 0 and dep.address == "h:1"
     assert '--node-config "$HERE/settings.toml"' in (tmp_path / "d" / "institutions" / "a" / "supernode.sh").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,13 +25,15 @@ import uvicorn
 from fastapi import FastAPI
 from fedrec.cli import main
 from fedrec.common.config import load_config
+from fedrec.common.errors import DataError, RequestError
 from fedrec.common.evaluation import CFSettings, blend, catalogue_vectors, cf_scores, llm_scores
 from fedrec.common.lora import load_adapter, save_adapter
 from fedrec.common.prior import CollaborativePrior, save_prior
 from fedrec.common.recommender import build_recommender, catalogue_cached
 from fedrec.common.rundir import RunDir
 from fedrec.server.loopback import free_port
-from fedrec.server.serve import HttpSettings, create_app
+from fedrec.server.serve import HttpSettings, RateLimiter, ServeSpec, check_bind, create_app
+from fedrec.server.serve import run as serve_run
 from fedrec.server.service import RecommenderService, ServeSettings, load_service, locate_run
 
 TRAINED_ITEMS = 30  # items of the catalogue when the run trained
@@ -443,3 +446,132 @@ def test_serves_a_real_federated_simulation(tiny_data: Path, tmp_path: Path, cap
         lines = [json.loads(x) for x in (out / "ledgers" / f"{client}.jsonl").read_text().splitlines()]
         assert summary["epsilon"] == lines[-1]["epsilon"] and summary["releases"] == len(lines)
     assert set(card["epsilon"]["per_party"]) == {"client-0", "client-1"}
+
+
+# --- hardening (issue 13) --------------------------------------------------------------------
+
+
+def test_a_64kb_history_entry_is_refused_before_resolution_while_others_flow(service: RecommenderService) -> None:
+    huge = "x " * (32 * 1024)  # 64 KB of words: a title search over it would scan every title per word
+    start = time.perf_counter()
+    with pytest.raises(RequestError, match="at most 300 per entry"):
+        service.query(history=["i1", huge])
+    assert time.perf_counter() - start < 0.1  # refused on its length, before any title search
+
+    with serving(create_app(service, HttpSettings(max_body_bytes=256 * 1024))) as base:
+        results: dict[str, httpx.Response] = {}
+        threads = [threading.Thread(target=lambda: results.__setitem__("huge", post(base, {"history": [huge]}))),
+                   threading.Thread(target=lambda: results.__setitem__("ok", post(base, {"history": ["i2"], "k": 3})))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        too_many = post(base, {"history": ["y" * 300] * 100})  # each entry allowed, the request not
+
+    assert results["huge"].status_code == 422 and results["huge"].json()["field"] == "history[0]"
+    assert "at most 300 per entry" in results["huge"].json()["detail"]
+    assert len(results["huge"].content) < 2000  # the entry is not echoed back
+    assert results["ok"].status_code == 200 and len(results["ok"].json()["items"]) == 3
+    assert too_many.status_code == 422 and too_many.json()["field"] == "history"
+
+
+@pytest.mark.parametrize("raw", ['{"history": ["i1"], "k": NaN}', '{"history": [NaN]}', '{"history": [Infinity]}',
+                                 '{"history": ["i1"], "k": -Infinity}'])
+def test_nan_and_infinity_in_a_body_are_422_not_500(url: str, raw: str) -> None:
+    answer = httpx.post(f"{url}/recommend", content=raw, headers={"Content-Type": "application/json"}, timeout=30)
+
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] in ("k", "history[0]")
+
+
+def test_model_card_has_no_local_paths_and_no_test_metrics(url: str, run_dir: Path) -> None:
+    text = httpx.get(f"{url}/model").text
+
+    assert str(run_dir.parent) not in text and "test_metrics" not in text and "ndcg" not in text
+    assert json.loads(text)["run"] == run_dir.name
+
+
+def test_rate_limit_per_key_answers_429(service: RecommenderService) -> None:
+    with serving(create_app(service, HttpSettings(rate=0.01, burst=2))) as base:
+        first = [post(base, {"history": ["i1"], "k": 2}).status_code for _ in range(3)]
+        other_key = post(base, {"history": ["i1"], "k": 2}, headers={"X-API-Key": "another"})  # no key configured
+
+    assert first[:2] == [200, 200] and first[2] == 429
+    assert other_key.status_code == 200  # its own bucket
+
+
+def test_token_bucket_refills_at_its_rate() -> None:
+    now = [0.0]
+    limiter = RateLimiter(2.0, 2, clock=lambda: now[0])
+
+    assert [limiter.wait_time("a") for _ in range(3)] == [0.0, 0.0, pytest.approx(0.5)]
+    now[0] = 0.5
+    assert limiter.wait_time("a") == 0.0 and limiter.wait_time("b") == 0.0
+
+
+def test_a_full_queue_answers_503(service: RecommenderService, monkeypatch) -> None:
+    release, entered = threading.Event(), threading.Event()
+    recommend = service.recommend
+
+    def blocked(queries):  # the model is busy until the test lets it go
+        entered.set()
+        release.wait(30)
+        return recommend(queries)
+
+    monkeypatch.setattr(service, "recommend", blocked)
+    with serving(create_app(service, HttpSettings(batching=False, max_queue=1))) as base:
+        first: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: first.append(post(base, {"history": ["i1"], "k": 2})))
+        waiting.start()
+        assert entered.wait(30)
+        busy = post(base, {"history": ["i2"], "k": 2})
+        release.set()
+        waiting.join()
+
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert first[0].status_code == 200
+
+
+def test_a_public_bind_without_a_key_is_refused(run_dir: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("FEDREC_API_KEY", raising=False)
+
+    assert main(["serve", str(run_dir), "--host", "0.0.0.0", "--cache-dir", str(run_dir.parent / "cache"),
+                 "--offline"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--insecure-no-auth" in err
+    check_bind("0.0.0.0", has_key=False, insecure_no_auth=True)  # the override, logged loudly
+    check_bind("127.0.0.1", has_key=False, insecure_no_auth=False)
+
+
+def test_workers_get_the_key_from_a_private_file_not_the_environment(monkeypatch, tmp_path: Path) -> None:
+    import uvicorn as uv
+
+    seen: dict[str, Any] = {}
+
+    def fake_run(*args: Any, **kwargs: Any) -> None:  # what each worker process would be given
+        spec = json.loads(os.environ["FEDREC_SERVE_SPEC"])
+        seen["spec"], seen["key"] = spec, Path(spec["api_key_file"]).read_text()
+        seen["mode"] = Path(spec["api_key_file"]).stat().st_mode & 0o777
+
+    monkeypatch.setattr(uv, "run", fake_run)
+    monkeypatch.delenv("FEDREC_SERVE_SPEC", raising=False)
+    spec = ServeSpec(str(tmp_path), str(tmp_path), True, {}, {**dataclasses.asdict(HttpSettings(api_key=KEY)),
+                                                               "cors_origins": []})
+
+    serve_run(spec, host="127.0.0.1", port=1, workers=2)
+
+    assert KEY not in json.dumps(seen["spec"]) and seen["spec"]["http"]["api_key"] is None
+    assert seen["key"] == KEY and seen["mode"] == 0o600
+    assert not Path(seen["spec"]["api_key_file"]).exists()  # removed when serving ends
+
+
+def test_non_finite_blend_weight_is_refused_at_load(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    metrics = json.loads((bad / "final" / "metrics.json").read_text())
+    (bad / "final" / "metrics.json").write_text(json.dumps({**metrics, "blend_weight": float("nan")}))
+
+    with pytest.raises(DataError, match="blend_weight"):
+        load_service(bad, ServeSettings(), cache_dir=run_dir.parent / "cache", offline=True)

@@ -54,7 +54,7 @@ def test_audit_of_a_real_run_passes(run_dir: Path, tmp_path: Path) -> None:
         assert status["hash chain"] == status["ε re-derived"] == status["within budget"] == "pass"
         assert status["rounds complete"] == status["server copy = client's own ledger"] == "pass"
         assert status["released tensors match the ledger"] == "pass"
-        assert c["rounds"] == [0, 1, 2] and c["remaining"] >= 0
+        assert c["rounds"] == [0, 0, 1, 2] and c["remaining"] >= 0  # popularity + co-occurrence in round 0
         assert set(c["final_epsilon"]) == {"opacus-rdp", "opacus-prv", "dp-accounting-rdp", "dp-accounting-pld"}
         assert c["agreement"] < 0.01
     assert any(k.endswith("ledgers/client-0.jsonl") for k in report["checksums"])
@@ -95,7 +95,7 @@ def test_deleted_ledger_and_missing_round_fail(run_dir: Path, tmp_path: Path, ca
     run = copy_run(run_dir, tmp_path)
     (run / "ledgers" / "client-0.jsonl").unlink()
     path = run / "ledgers" / "client-1.jsonl"
-    rewrite(path, read_jsonl(path)[:2])  # the round-2 entry dropped from the end
+    rewrite(path, read_jsonl(path)[:-1])  # the round-2 entry dropped from the end
 
     assert main(["audit", str(run)]) == 1
 
@@ -106,11 +106,12 @@ def test_deleted_ledger_and_missing_round_fail(run_dir: Path, tmp_path: Path, ca
 
 def test_client_state_and_bare_ledgers_are_audited(run_dir: Path, tmp_path: Path) -> None:
     old = tmp_path / "old.jsonl"  # a ledger written before chains: readable, reported unchained
-    rewrite(old, [{k: v for k, v in e.items() if k not in chain.CHAIN_FIELDS}
+    rewrite(old, [{k: v for k, v in e.items() if k not in chain.CHAIN_FIELDS + chain.SIGNATURE_FIELDS}
                   for e in read_jsonl(run_dir / "ledgers" / "client-0.jsonl")])
     out = tmp_path / "a.json"
 
-    code = main(["audit", str(run_dir / "clients" / "client-0"), str(old), "--output", str(out)])
+    code = main(["audit", str(run_dir / "clients" / "client-0"), str(old), "--output", str(out),
+                 "--allow-legacy"])  # an unchained ledger now FAILs without it
 
     assert code == 0
     report = json.loads(out.read_text())
@@ -194,3 +195,149 @@ def test_refused_rounds_are_not_expected_in_the_ledger() -> None:
 
     assert a.trained_rounds == () and a.budget == 1.0
     assert b.trained_rounds == (1, 2) and b.round_epsilon == {1: 3.0, 2: 5.0} and b.budget == 8.0
+
+
+# --- issue 13: forged, stripped, truncated and rewritten records ----------------------------
+
+
+def all_copies(run: Path, client: str) -> list[Path]:
+    return [run / "ledgers" / f"{client}.jsonl", run / "clients" / client / "ledger.jsonl"]
+
+
+def rewrite_state_ledger(run: Path, client: str, lines: list[dict]) -> None:
+    path = run / "clients" / client / "state.json"
+    state = json.loads(path.read_text())
+    state["ledger"] = lines
+    path.write_text(json.dumps(state))
+
+
+def test_a_real_runs_ledgers_are_signed_and_verify_against_the_institutions_key(
+        run_dir: Path, tmp_path: Path) -> None:
+    pub = run_dir / "clients" / "client-0" / "ledger.pub"
+    head = chain.head(read_jsonl(run_dir / "clients" / "client-0" / "ledger.jsonl"))
+    out = tmp_path / "a.json"
+
+    assert main(["audit", str(run_dir), "--trust", f"client-0={pub}", "--expect-head", f"client-0={head}",
+                 "--output", str(out)]) == 0
+
+    clients = {c["client"]: {x["name"]: x["status"] for x in c["checks"]}
+               for c in json.loads(out.read_text())["targets"][0]["clients"]}
+    assert clients["client-0"]["ledger signatures"] == "pass"
+    assert clients["client-0"]["chain head = expected"] == "pass"
+    assert clients["client-1"]["ledger signatures"] == "warn"  # no --trust: self-asserted, said so
+    assert clients["client-0"]["accountant state = ledger"] == "pass"
+
+
+def test_forged_chain_in_both_copies_fails_on_its_signatures(run_dir: Path, tmp_path: Path, capsys) -> None:
+    run = copy_run(run_dir, tmp_path)
+    forged: list[dict] = []
+    for e in read_jsonl(run / "ledgers" / "client-2.jsonl"):  # σ raised, every hash recomputed
+        body = {k: v for k, v in e.items() if k not in ("signature",)}
+        linked = chain.link({**body, "noise_multiplier": e["noise_multiplier"] * 3}, forged)
+        forged.append({**linked, "signer": e["signer"], "signature": e["signature"]})
+        forged[-1]["entry_sha256"] = chain.entry_hash(forged[-1])
+    for path in all_copies(run, "client-2"):
+        rewrite(path, forged)
+    rewrite_state_ledger(run, "client-2", forged)
+
+    assert main(["audit", str(run)]) == 1
+
+    err = capsys.readouterr().err
+    assert "[client-2]: ledger signatures" in err and "does not verify" in err
+
+
+def test_a_resigned_forgery_fails_against_the_trusted_key(run_dir: Path, tmp_path: Path, capsys) -> None:
+    trusted = tmp_path / "client-1.pub"  # what the privacy officer got from the institution
+    trusted.write_bytes((run_dir / "clients" / "client-1" / "ledger.pub").read_bytes())
+    run = copy_run(run_dir, tmp_path)
+    own_key = chain.load_signer(chain.generate_key(tmp_path / "forger")[0])
+    forged: list[dict] = []
+    for e in read_jsonl(run / "ledgers" / "client-1.jsonl"):
+        forged.append(chain.link({**e, "noise_multiplier": e["noise_multiplier"] * 3}, forged, signer=own_key))
+    for path in all_copies(run, "client-1"):
+        rewrite(path, forged)
+
+    assert main(["audit", str(run), "--trust", f"client-1={trusted}"]) == 1
+
+    assert "[client-1]: ledger signatures" in capsys.readouterr().err
+
+
+def test_stripped_chain_in_both_copies_fails_unless_legacy(run_dir: Path, tmp_path: Path, capsys) -> None:
+    run = copy_run(run_dir, tmp_path)
+    for path in all_copies(run, "client-0"):
+        rewrite(path, [{k: v for k, v in e.items() if k not in chain.CHAIN_FIELDS + chain.SIGNATURE_FIELDS}
+                       for e in read_jsonl(path)])
+
+    assert main(["audit", str(run)]) == 1
+
+    err = capsys.readouterr().err
+    assert "[client-0]: hash chain" in err and "[client-0]: ledger signatures" in err
+
+
+def test_dropped_last_release_with_its_reply_still_stored_fails(run_dir: Path, tmp_path: Path, capsys) -> None:
+    run = copy_run(run_dir, tmp_path)
+    for path in all_copies(run, "client-0"):
+        rewrite(path, read_jsonl(path)[:-1])  # the round-2 release dropped from both copies...
+    rewrite_state_ledger(run, "client-0", read_jsonl(run / "ledgers" / "client-0.jsonl"))
+    rounds = read_jsonl(run / "rounds.jsonl")
+    for r in rounds:
+        if r["round"] == 2:
+            del r["epsilon"]["client-0"]  # ...and from rounds.jsonl
+    rewrite(run / "rounds.jsonl", rounds)
+    assert (run / "clients" / "client-0" / "replies").is_dir()
+
+    assert main(["audit", str(run)]) == 1
+
+    err = capsys.readouterr().err
+    assert "[client-0]: released tensors match the ledger" in err and "has no ledger line" in err
+
+
+def test_budget_rewritten_everywhere_fails_against_the_runs_config(run_dir: Path, tmp_path: Path, capsys) -> None:
+    run = copy_run(run_dir, tmp_path)
+    key = chain.load_signer(run / "clients" / "client-1" / "ledger.key")  # the run dir's owner holds it
+    resigned: list[dict] = []
+    for e in read_jsonl(run / "ledgers" / "client-1.jsonl"):
+        resigned.append(chain.link({**e, "budget": 100.0}, resigned, signer=key))
+    for path in all_copies(run, "client-1"):
+        rewrite(path, resigned)
+    rewrite_state_ledger(run, "client-1", resigned)
+
+    assert main(["audit", str(run)]) == 1
+
+    err = capsys.readouterr().err
+    assert "[client-1]: budget fixed" in err and "config.toml" in err
+
+
+def test_client_state_whose_accountant_disagrees_with_its_ledger_fails(run_dir: Path, tmp_path: Path,
+                                                                      capsys) -> None:
+    run = copy_run(run_dir, tmp_path)
+    state_dir = run / "clients" / "client-2"
+    state = json.loads((state_dir / "state.json").read_text())
+    state["accountant"]["history"] = state["accountant"]["history"][:-1]  # one release not composed
+    (state_dir / "state.json").write_text(json.dumps(state))
+
+    assert main(["audit", str(state_dir)]) == 1
+
+    assert "accountant state = ledger" in capsys.readouterr().err
+
+
+def test_a_run_configured_without_dp_fails(run_dir: Path, tmp_path: Path, capsys) -> None:
+    run = copy_run(run_dir, tmp_path)
+    config = (run / "config.toml").read_text()
+    assert "dp = true" in config
+    (run / "config.toml").write_text(config.replace("dp = true", "dp = false"))
+
+    assert main(["audit", str(run)]) == 1
+
+    assert "fed.dp = false" in capsys.readouterr().err
+
+
+def test_trust_flags_are_checked(run_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["audit", str(run_dir), "--trust", "client-0"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["audit", str(run_dir), "--trust", f"nobody={run_dir / 'clients/client-0/ledger.pub'}"]) == 1
+    assert "--trust nobody" in capsys.readouterr().err
+    assert main(["audit", str(run_dir), "--expect-head", "client-0=nothex"]) == 2
+    assert "64 hex digits" in capsys.readouterr().err
+    assert main(["audit", str(run_dir), "--expect-head", "client-0=" + "ab" * 32]) == 1
+    assert "[client-0]: chain head = expected" in capsys.readouterr().err

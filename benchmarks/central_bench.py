@@ -48,7 +48,8 @@ def summarise(runs: list[list[dict]], suffix: str) -> list[dict[str, Any]]:
     for method, rows in by_method.items():
         row = dict(rows[0])
         row["method"] = method if not suffix else _suffixed(method, suffix)
-        for key in [k for k in rows[0] if k.startswith(METRICS) or k.startswith(("llm_contribution_", "cf_only_"))]:
+        for key in [k for k in rows[0] if k.startswith(METRICS) or k.startswith(("llm_contribution_",
+                                                                                 "cf_only_"))]:
             row[key] = round(statistics.fmean(r[key] for r in rows), 5)
         ndcg = [r["ndcg@10"] for r in rows]
         row["ndcg@10_sd"] = round(statistics.stdev(ndcg), 5) if len(ndcg) > 1 else 0.0

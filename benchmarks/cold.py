@@ -98,7 +98,8 @@ def _encoder_and_catalogue(dataset: Dataset) -> tuple[Any, Any, Any]:
         cfg = Config()
         loaded = build_recommender(cfg, cache_dir=default_cache_dir())
         _LOADED["loaded"], _LOADED["cfg"] = loaded, cfg
-        _LOADED["catalogue"] = catalogue_cached(loaded.encoder, dataset.item_texts, cache_dir=default_cache_dir(),
+        _LOADED["catalogue"] = catalogue_cached(loaded.encoder, dataset.item_texts,
+                                                cache_dir=default_cache_dir(),
                                                 model_fingerprint=loaded.base.fingerprint)
     loaded = _LOADED["loaded"]
     load_adapter(loaded.model, loaded.initial_adapter, source="initial adapter")
@@ -131,11 +132,14 @@ def _trained(dataset: Dataset, cold: ColdSplit, seed: int, *, private: bool) -> 
     if private:
         delta = default_delta(len(train))
         steps = steps_for_epochs(cfg.train.dp_epochs, cfg.train.sample_rate)
-        sigma = calibrate_noise(target_epsilon=EPSILON, delta=delta, sample_rate=cfg.train.sample_rate, steps=steps)
+        sigma = calibrate_noise(target_epsilon=EPSILON, delta=delta, sample_rate=cfg.train.sample_rate,
+                                steps=steps)
         dp = DPSettings(sigma, cfg.privacy.clip_norm, cfg.train.sample_rate, normaliser=cfg.train.batch_size)
         accountant = PrivacyAccountant()
-    trainer = LocalTrainer(loaded.encoder, catalogue, sequences, lr=cfg.train.dp_lr if private else cfg.train.lr,
-                           batch_size=cfg.train.batch_size, objective=objective(cfg), dp=dp, accountant=accountant,
+    trainer = LocalTrainer(loaded.encoder, catalogue, sequences,
+                           lr=cfg.train.dp_lr if private else cfg.train.lr,
+                           batch_size=cfg.train.batch_size, objective=objective(cfg), dp=dp,
+                           accountant=accountant,
                            seed=None if private else seed, blocked_items=cold.held_out.tolist())
     steps = steps_for_epochs(cfg.train.dp_epochs, cfg.train.sample_rate) if private else \
         steps_for_epochs(cfg.train.epochs, trainer.sample_rate)
@@ -146,7 +150,8 @@ def _trained(dataset: Dataset, cold: ColdSplit, seed: int, *, private: bool) -> 
 LLM_METHODS: tuple[Method, ...] = (
     Method("zero-shot", _zero_shot, model="smollm2-135m-instruct"),
     Method("central-lora", partial(_trained, private=False), model="smollm2-135m-instruct"),
-    Method("central-dp-lora", partial(_trained, private=True), epsilon=EPSILON, model="smollm2-135m-instruct"),
+    Method("central-dp-lora", partial(_trained, private=True), epsilon=EPSILON,
+           model="smollm2-135m-instruct"),
 )
 # ==========================================================================================
 

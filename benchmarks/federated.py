@@ -44,7 +44,7 @@ from fedrec.common.assets import default_cache_dir
 from fedrec.common.config import Config, load_config
 from fedrec.common.evaluation import BLEND_WEIGHTS
 from fedrec.common.prior import CollaborativePrior, head_items, plan_releases
-from fedrec.common.privacy import MechanismStep, calibrate_noise, default_delta
+from fedrec.common.privacy import calibrate_noise, default_delta
 from fedrec.common.recommender import build_recommender
 from fedrec.common.rundir import read_jsonl
 from fedrec.simulations.central import Sources
@@ -169,7 +169,8 @@ def run_local(overrides: list[str], eps: float, sources: Sources, tmp: Path) -> 
         weight = weights[max(range(len(ndcg)), key=ndcg.__getitem__)] if weights else 1.0
         test = job.evaluate(current, which="test", prior=prior, weights=[weight]).metrics
         llm = job.evaluate(current, which="test", prior=None, weights=[]).metrics
-        test = {k: [v[0], llm[k][0]] if k.startswith(("hr@", "ndcg@", "mrr@")) else v for k, v in test.items()}
+        test = {k: [v[0], llm[k][0]] if k.startswith(("hr@", "ndcg@", "mrr@")) else v for k,
+                v in test.items()}
         n = test["num-examples"]
         users += n
         for key, values in test.items():

@@ -1,15 +1,19 @@
-"""Serving latency and throughput of `fedrec serve` (default model, loopback HTTP), micro-batching on and off.
+"""Serving latency and throughput of `fedrec serve` (default model, loopback HTTP) -> results/serve.json.
 
-The run directory served is built here: the default config (SmolLM2-135M, MovieLens-100K, LoRA
-on the last 2 blocks) with its initial, untrained adapter as final/adapter.safetensors and the
-exact training-split popularity as prior counts. Serving cost does not depend on what the
-adapter learned (same shapes, same merged weights), so no training run is needed.
+Modes, each a separate `fedrec serve` process on the same machine, in the same run:
+- `warm` (the shipped design, default flags): warm users ranked from the precomputed item vectors
+  plus the private prior, micro-batching on;
+- `warm_unbatched`: the same with `--no-batching`;
+- `baseline_prompt_tower` (the design before: commit bdd362f, a 30-layer prompt per request with
+  batching on, its default): run from a checkout of that commit (`--baseline-src`, made with
+  `git worktree add DIR bdd362f`; the folder must be named `fedrec`).
 
-Each server runs as a separate `fedrec serve` process (as a person would run it); this process
-only sends requests: a bounded number per concurrency level (max(20, 3·c) per repetition),
-random histories of 3-10 items, the modes interleaved.
+The run directories are built here with untrained adapters and exact popularity / co-occurrence:
+serving cost does not depend on what the adapter learned. This process only sends requests: a
+bounded number per concurrency level (max(20, 3·c) per repetition), random histories of 3-10
+items, the modes interleaved.
 
-    python benchmarks/serve_bench.py [--device cpu|cuda] [--requests-per-client 3] [--reps 2] [--out FILE]
+    python benchmarks/serve_bench.py [--baseline-src /tmp/basecode/fedrec] [--reps 2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -34,10 +38,10 @@ import torch
 from fedrec.common.assets import default_cache_dir, resolve_dataset
 from fedrec.common.config import load_config
 from fedrec.common.data import leave_one_out, load_dataset
-from fedrec.common.evaluation import popularity_counts
 from fedrec.common.lora import save_adapter
-from fedrec.common.model import build_recommender
-from fedrec.common.rundir import RunDir, save_prior_counts
+from fedrec.common.prior import exact_prior, save_prior
+from fedrec.common.recommender import build_recommender
+from fedrec.common.rundir import RunDir
 
 CONCURRENCY = (1, 8, 32)
 
@@ -52,10 +56,31 @@ def make_run_dir(out: Path, cache: Path, device: str) -> tuple[Path, list[str]]:
                            "model_sha256": loaded.base.fingerprint})
     save_adapter(out / "final" / "adapter.safetensors", loaded.initial_adapter,
                  {"run_id": "serve-bench", "rounds": "0", "variant": cfg.lora.variant})
-    counts = popularity_counts(dataset, leave_one_out(dataset))
-    save_prior_counts(out / "final", counts)
-    run.write_json("final/metrics.json", {"prior_weight": 1.0, "rounds": 0})
+    split = leave_one_out(dataset)
+    save_prior(out / "final", exact_prior(list(split.train.values()), num_items=len(dataset.item_ids),
+                                          head_size=cfg.prior.head_size))
+    run.write_json("final/metrics.json", {"blend_weight": 1.0, "rounds": 0})
     return out, list(dataset.item_ids)
+
+
+BASELINE_RUN = """
+import sys, importlib.util
+spec = importlib.util.spec_from_file_location("old_bench", sys.argv[1])
+bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+from pathlib import Path
+bench.make_run_dir(Path(sys.argv[2]), Path(sys.argv[3]), "cpu")
+"""
+
+
+def baseline_env(src: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(src.parent)}
+
+
+def make_baseline_run(src: Path, out: Path, cache: Path) -> Path:
+    """The old design's run directory, made by the old code itself."""
+    subprocess.run([sys.executable, "-c", BASELINE_RUN, str(src / "benchmarks" / "serve_bench.py"), str(out),
+                    str(cache)], env=baseline_env(src), check=True, stdout=subprocess.DEVNULL)
+    return out
 
 
 def free_port() -> int:
@@ -64,12 +89,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(run: Path, cache: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(run: Path, cache: Path, *flags: str, env: dict[str, str] | None = None,
+                 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     cmd = [sys.executable, "-m", "fedrec.cli", "serve", str(run), "--host", "127.0.0.1", "--port", str(port),
            "--cache-dir", str(cache), "--offline", *flags]
     log = (run.parent / f"server-{port}.log").open("wb")  # a file, not a pipe nobody drains
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 1200  # the first start encodes the catalogue (then cached)
     while time.monotonic() < deadline:
@@ -127,18 +153,20 @@ def requests_for(item_ids: list[str], n: int, rng: random.Random) -> list[dict[s
     return [{"history": rng.sample(item_ids, rng.randint(3, 10)), "k": 10} for _ in range(n)]
 
 
-MODES = {  # name -> `fedrec serve` flags, concurrency levels
-    "batched": (["--encode-batch", "1"], CONCURRENCY),  # micro-batches, one prompt per forward pass
-    "unbatched": (["--no-batching"], CONCURRENCY),
-    "unbatched_merged": (["--no-batching", "--merge"], (1,)),
-    "batched_encode8": (["--encode-batch", "8"], (32,)),  # padded passes of 8 prompts (the CPU default)
+MODES = {  # name -> `fedrec serve` flags, concurrency levels, baseline code?
+    "warm": ([], CONCURRENCY, False),
+    "warm_unbatched": (["--no-batching"], CONCURRENCY, False),
+    "baseline_prompt_tower": ([], CONCURRENCY, True),
 }
+DEFAULT_MODE, BASELINE_MODE = "warm", "baseline_prompt_tower"
 
 
-def run_all(run: Path, cache: Path, item_ids: list[str], per_client: int, reps: int) -> dict[str, Any]:
+def run_all(runs: dict[bool, Path], cache: Path, item_ids: list[str], per_client: int, reps: int,
+            baseline_src: Path) -> dict[str, Any]:
     """All servers up at once; every (concurrency, repetition) runs each mode back to back, in
     alternating order, so that load from elsewhere on the machine hits the modes alike."""
-    servers = {name: start_server(run, cache, *flags) for name, (flags, _) in MODES.items()}
+    servers = {name: start_server(runs[old], cache, *flags, env=baseline_env(baseline_src) if old else None)
+               for name, (flags, _, old) in MODES.items()}
     try:
         rng = random.Random(0)
         for _, url in servers.values():
@@ -162,6 +190,7 @@ def run_all(run: Path, cache: Path, item_ids: list[str], per_client: int, reps: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--baseline-src", type=Path, default=Path("/tmp/basecode/fedrec"))
     parser.add_argument("--requests-per-client", type=int, default=3)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
@@ -170,9 +199,13 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         run, item_ids = make_run_dir(Path(tmp) / "run", cache, args.device)
-        modes = run_all(run, cache, item_ids, args.requests_per_client, args.reps)
-    ratio = {c: round(modes["batched"][c]["requests_per_s"] / modes["unbatched"][c]["requests_per_s"], 2)
+        old = make_baseline_run(args.baseline_src, Path(tmp) / "baseline" / "run", cache)
+        modes = run_all({False: run, True: old}, cache, item_ids, args.requests_per_client, args.reps,
+                        args.baseline_src)
+    ratio = {c: round(modes[DEFAULT_MODE][c]["requests_per_s"] / modes[BASELINE_MODE][c]["requests_per_s"], 2)
              for c in map(str, CONCURRENCY)}
+    batching = {c: round(modes["warm"][c]["requests_per_s"] / modes["warm_unbatched"][c]["requests_per_s"], 2)
+                for c in map(str, CONCURRENCY)}
     result = {
         "benchmark": "serve", "model": "smollm2-135m-instruct (float32)", "adapter": "initial, untrained",
         "dataset": "ml-100k (1682 items)",
@@ -181,16 +214,13 @@ def main() -> None:
                     "torch_threads": torch.get_num_threads(),
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
-        "history_items": "3-10 random", "k": 10, "batch_wait_ms": 5.0, "max_batch": 32,
-        "encode_batch": "batched: 1; batched_encode8: 8 (fedrec serve's CPU default)",
-        "repetitions": args.reps, "modes": modes, "batched_over_unbatched_requests_per_s": ratio,
-        "encode8_over_encode1_requests_per_s_c32": round(modes["batched_encode8"]["32"]["requests_per_s"]
-                                                          / modes["batched"]["32"]["requests_per_s"], 2),
-        "merged_over_unmerged_p50_c1": round(modes["unbatched_merged"]["1"]["p50_ms"]
-                                             / modes["unbatched"]["1"]["p50_ms"], 3),
-        "targets": {"p99_ms_c1_under_250": modes["unbatched"]["1"]["p99_ms"] < 250
-                    and modes["batched"]["1"]["p99_ms"] < 250,
-                    "batched_3x_at_c32": ratio["32"] >= 3.0},
+        "history_items": "3-10 random", "k": 10, "repetitions": args.reps,
+        "default_mode": DEFAULT_MODE, "baseline_mode": BASELINE_MODE,
+        "baseline": "commit bdd362f: user tower = the LM over the history as a text prompt, per request",
+        "modes": modes, "default_over_baseline_requests_per_s": ratio,
+        "batched_over_unbatched_requests_per_s": batching,
+        "targets": {"p99_ms_c1_at_most_50": modes[DEFAULT_MODE]["1"]["p99_ms"] <= 50,
+                    "5x_baseline_requests_per_s_at_c32": ratio["32"] >= 5.0},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -190,7 +190,8 @@ def _prior(msg: Message, job: ClientJob) -> CollaborativePrior | None:
     tensors = {k: v.numpy() for k, v in record.to_torch_state_dict().items()}
     prior = CollaborativePrior.from_tensors(tensors, source="the server's prior")
     if prior.num_items != len(job.dataset.item_ids):
-        raise DataError(f"the server's prior has {prior.num_items} items, this catalogue {len(job.dataset.item_ids)}")
+        raise DataError(f"the server's prior has {prior.num_items} items, "
+                        f"this catalogue {len(job.dataset.item_ids)}")
     return prior
 
 

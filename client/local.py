@@ -259,7 +259,8 @@ class ClientJob:
         if (refused := self._refusal(state, [step], "the popularity release")) is not None:
             return refused
         counts = noisy_popularity(self._contributions(), num_items=len(self.dataset.item_ids),
-                                  clip=p.clip_norm, noise_multiplier=sigma, rng=np.random.default_rng(entropy_seed()))
+                                  clip=p.clip_norm, noise_multiplier=sigma,
+                                  rng=np.random.default_rng(entropy_seed()))
         tensors = {"counts": torch.from_numpy(counts.astype(np.float32))}
         return self._release(state, req, "prior", MECHANISM_POPULARITY, step, p.clip_norm, tensors)
 
@@ -277,15 +278,18 @@ class ClientJob:
         if head.ndim != 1 or not 0 < head.size <= min(num_items, 4 * p.head_size) or head.min() < 0 \
                 or head.max() >= num_items or np.any(np.diff(head) <= 0):
             return Outcome(STATUS_BAD_REQUEST, self._base_metrics(state),
-                           reason=f"{self.local.name}: the head must be 1..{4 * p.head_size} sorted item indices")
+                           reason=f"{self.local.name}: the head must be 1..{4 * p.head_size} sorted "
+                                  "item indices")
         sigma = self.prior_plan().cooccurrence_sigma
         if sigma is None:
             return Outcome(STATUS_BAD_REQUEST, self._base_metrics(state),
-                           reason=f"{self.local.name}: co-occurrence releases are off here (prior.cooccurrence)")
+                           reason=f"{self.local.name}: co-occurrence releases are off here "
+                                  "(prior.cooccurrence)")
         step = MechanismStep(sigma, 1.0, 1)
         if (refused := self._refusal(state, [step], "the co-occurrence release")) is not None:
             return refused
-        matrix = noisy_cooccurrence(self._contributions(), head=head, clip=p.clip_norm, noise_multiplier=sigma,
+        matrix = noisy_cooccurrence(self._contributions(), head=head, clip=p.clip_norm,
+                                    noise_multiplier=sigma,
                                     rng=np.random.default_rng(entropy_seed()))
         tensors = {"cooccurrence": torch.from_numpy(matrix.astype(np.float32))}
         return self._release(state, req, "cooccurrence", MECHANISM_COOCCURRENCE, step, p.clip_norm, tensors)

@@ -98,7 +98,8 @@ def residual_cf(prior: CollaborativePrior | None, cfg: Config) -> ResidualCF | N
         return None
     p = cfg.prior
     return ResidualCF(
-        head=torch.as_tensor(prior.head), popularity=torch.as_tensor(prior.popularity_scores(), dtype=torch.float32),
+        head=torch.as_tensor(prior.head), popularity=torch.as_tensor(prior.popularity_scores(),
+                                                                     dtype=torch.float32),
         similarity=torch.as_tensor(prior.similarity(shrink=p.shrink), dtype=torch.float32),
         beta=p.beta, scale=p.residual_scale,
     )
@@ -192,7 +193,8 @@ def _full_softmax_losses(encoder: ItemEncoder, params: Mapping[str, torch.Tensor
     b, t = seqs.shape
     logits, valid = full_softmax_logits(encoder, params, seqs, cf, items, objective=objective)
     targets = seqs[:, 1:].clamp(min=0)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view(b, t - 1)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                         reduction="none").view(b, t - 1)
     weight = (valid[:, 1:] & (torch.cumsum(valid, dim=1)[:, :-1] > 0)).float()
     return (ce * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
 
@@ -339,7 +341,8 @@ class LocalTrainer:
         """This step's shared items: fresh negatives (from the trainer's RNG), the centre."""
         num_items = len(self.catalogue)
         if self.objective.negatives == 0:  # full softmax
-            return step_items(self.encoder, self.catalogue, self.frozen, self.params, None, blocked=self.blocked)
+            return step_items(self.encoder, self.catalogue, self.frozen, self.params, None,
+                              blocked=self.blocked)
         p = self.proposal.numpy() if self.proposal is not None else None
         if self.blocked is not None:
             p = p if p is not None else np.full(num_items, 1.0 / num_items)
@@ -374,7 +377,8 @@ class LocalTrainer:
     def _dp_grads(self, rows: torch.Tensor, items: StepItems) -> tuple[dict[str, torch.Tensor], float]:
         """Per-user gradients {name: (B, *shape)} of these users, and their mean loss."""
         if rows.numel():
-            grads, losses = per_user_gradients(self.encoder, self.params, self.seqs[rows], self._cf(rows), items,
+            grads, losses = per_user_gradients(self.encoder, self.params, self.seqs[rows], self._cf(rows),
+                                               items,
                                                objective=self.objective)
             return grads, float(losses.mean())
         # an empty Poisson batch is still a step of the mechanism: pure noise, one zero row

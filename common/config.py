@@ -14,7 +14,8 @@ from typing import Any
 from fedrec.common.errors import ConfigError
 
 CENTRAL_METHODS = (
-    "popularity", "dp-popularity", "itemknn", "dp-cooccurrence", "zero-shot", "central-lora", "central-dp-lora",
+    "popularity", "dp-popularity", "itemknn", "dp-cooccurrence", "zero-shot", "central-lora",
+    "central-dp-lora",
 )
 
 
@@ -146,7 +147,8 @@ class PriorConfig:
         _positive("prior.clip_norm", self.clip_norm)
         _positive("prior.head_size", self.head_size)
         if not 0 < self.popularity_share < 1:
-            raise ConfigError(f"prior.popularity_share={self.popularity_share} must be between 0 and 1 (exclusive)")
+            raise ConfigError(f"prior.popularity_share={self.popularity_share} must be between 0 and 1 "
+                              "(exclusive)")
         for key in ("weight", "beta", "shrink", "residual_scale"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"prior.{key}={getattr(self, key)} must be >= 0")

@@ -85,7 +85,8 @@ def cooccurrence_sum(contributions: Sequence[np.ndarray], *, head: np.ndarray, c
 def per_user_norms(contributions: Sequence[np.ndarray], *, num_items: int, head: np.ndarray,
                    clip: float) -> tuple[np.ndarray, np.ndarray]:
     """(popularity L2 norm, co-occurrence Frobenius norm) of each user's contribution (for tests)."""
-    pop = np.array([np.linalg.norm(popularity_sum([c], num_items=num_items, clip=clip)) for c in contributions])
+    pop = np.array([np.linalg.norm(popularity_sum([c], num_items=num_items,
+                                                  clip=clip)) for c in contributions])
     co = np.array([np.linalg.norm(cooccurrence_sum([c], head=head, clip=clip)) for c in contributions])
     return pop, co
 

@@ -100,7 +100,8 @@ class ItemEncoder:
         def grab_block(_m: nn.Module, _args: tuple, out: Any) -> None:
             seen["h"] = out[0] if isinstance(out, tuple) else out
 
-        hooks = [self.adapted.register_forward_hook(grab_target), self.block.register_forward_hook(grab_block)]
+        hooks = [self.adapted.register_forward_hook(grab_target),
+                 self.block.register_forward_hook(grab_block)]
         try:
             ids, mask = _pad(sequences, int(self.tokenizer.pad_token_id), self.device)
             self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
@@ -139,7 +140,7 @@ class ItemEncoder:
         return catalogue.residual.to(self.device) + base(catalogue.inputs.to(self.device)).float()
 
     def lora_weights(self, params: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B): from `params` where given (e.g. per-user copies with a leading batch dim), else the module's."""
+        """(A, B): from `params` where given (per-user copies: a leading batch dim), else the module's."""
         module: Any = self.adapted
         a = params.get(_A, module.lora_A["default"].weight)
         b = params.get(_B, module.lora_B["default"].weight)
@@ -226,7 +227,8 @@ def _find(block: nn.Module, target: str) -> nn.Module:
     return matches[0]
 
 
-def _pad(sequences: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(sequences: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor,
+                                                                                      torch.Tensor]:
     longest = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), longest), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), longest), dtype=torch.long)

@@ -224,7 +224,8 @@ def _enough(cfg: Config, rnd: int, answered: int, num_clients: int) -> bool:
     return answered >= need
 
 
-def _prior_release(grid: Grid, cfg: Config, state: ServerState, num_clients: int) -> CollaborativePrior | None:
+def _prior_release(grid: Grid, cfg: Config, state: ServerState,
+                   num_clients: int) -> CollaborativePrior | None:
     """Round 0, once: every client releases noisy popularity; the server sums it, picks the head
     (the most popular items by noisy count: post-processing), and every client releases its noisy
     co-occurrence over that head; the sums are the global prior."""
@@ -237,16 +238,19 @@ def _prior_release(grid: Grid, cfg: Config, state: ServerState, num_clients: int
     head = head_items(popularity, cfg.prior.head_size)
     if not cfg.prior.cooccurrence:
         return CollaborativePrior(popularity, np.empty(0, np.int64), None)
-    content = RecordDict({"config": config, "head": ArrayRecord(torch_state_dict={"head": torch.from_numpy(head)})})
+    content = RecordDict({"config": config,
+                          "head": ArrayRecord(torch_state_dict={"head": torch.from_numpy(head)})})
     replies = _query(grid, cfg, num_clients, "query.cooccurrence", content, state.identities)
-    matrix = _sum_releases(replies, "cooccurrence", MECHANISM_COOCCURRENCE, state, cfg, shape=(len(head),) * 2)
+    matrix = _sum_releases(replies, "cooccurrence", MECHANISM_COOCCURRENCE, state, cfg,
+                           shape=(len(head),) * 2)
     return CollaborativePrior(popularity, head, matrix) if matrix is not None else \
         CollaborativePrior(popularity, np.empty(0, np.int64), None)
 
 
 def _query(grid: Grid, cfg: Config, num_clients: int, message_type: str, content: RecordDict,
            identities: Identities) -> list[Reply]:
-    messages = [Message(content, dst_node_id=n, message_type=message_type) for n in _nodes(grid, cfg, num_clients)]
+    messages = [Message(content, dst_node_id=n, message_type=message_type) for n in _nodes(grid, cfg,
+                                                                                           num_clients)]
     pairs, _ = _parse(list(grid.send_and_receive(messages, timeout=cfg.fed.timeout)), None, 0,
                       identities=identities)
     return [r for _, r in pairs]
@@ -333,8 +337,10 @@ def _finish(
     i, _ = _best(last_valid, key)
     weight = float(last_valid["betas"][i]) if last_valid["betas"] else 0.0
     if state.prior is not None:  # the blend and CF alone (w = 0) in one pass, then the LLM alone
-        test = _evaluate(grid, cfg, current, state, which="test", num_clients=num_clients, betas=[weight, 0.0])
-        alone = _evaluate(grid, cfg, current, replace(state, prior=None), which="test", num_clients=num_clients)
+        test = _evaluate(grid, cfg, current, state, which="test", num_clients=num_clients, betas=[weight,
+                                                                                                  0.0])
+        alone = _evaluate(grid, cfg, current, replace(state, prior=None), which="test",
+                          num_clients=num_clients)
         final: dict[str, Any] = {
             "test": {k: v[0] for k, v in test["metrics"].items()},
             "test_cf_only": {k: v[1] for k, v in test["metrics"].items()},

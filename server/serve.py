@@ -100,8 +100,9 @@ class ReasonOut(ItemOut):
 
 class ScoredOut(ItemOut):
     score: float
-    because: list[ReasonOut] = Field(default_factory=list,
-                                     description="the history items that contributed most (\"because you liked ...\")")
+    because: list[ReasonOut] = Field(
+        default_factory=list,
+        description="the history items that contributed most (\"because you liked ...\")")
 
 
 class RecommendResponse(BaseModel):

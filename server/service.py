@@ -289,15 +289,18 @@ class RecommenderService:
         for start in range(0, len(todo), self.encode_batch):
             rows = todo[start : start + self.encode_batch]
             states = self.encoder.encode_text([str(texts[r]) for r in rows]).cpu().double()
-            for r, v in zip(rows, torch.nn.functional.normalize(states - self.text_center, dim=-1), strict=True):
+            for r, v in zip(rows, torch.nn.functional.normalize(states - self.text_center, dim=-1),
+                            strict=True):
                 out[r] = v
         return out
 
-    def _llm(self, history: Sequence[int], text: torch.Tensor | None) -> tuple[torch.Tensor, list[int], float]:
+    def _llm(self, history: Sequence[int], text: torch.Tensor | None) -> tuple[torch.Tensor, list[int],
+                                                                               float]:
         """(I,) cosine of the pooled recent history (+ the text) with every item; the rows pooled
         and the norm of their pooled vector."""
         recent = list(dict.fromkeys(history[-self.max_history :]))
-        pooled = self.vectors[recent].mean(dim=0) if recent else torch.zeros(self.vectors.shape[1], dtype=torch.double)
+        pooled = self.vectors[recent].mean(dim=0) if recent else torch.zeros(self.vectors.shape[1],
+                                                                             dtype=torch.double)
         if text is not None:
             pooled = pooled + text
         norm = float(pooled.norm())
@@ -355,7 +358,8 @@ def _check_entries(history: Sequence[str | int], *, max_entry: int, max_total: i
                                "(an item id or title)")
         total += size
         if total > max_total:
-            raise RequestError("history", f"over {max_total} characters in all; send fewer or shorter entries")
+            raise RequestError("history",
+                               f"over {max_total} characters in all; send fewer or shorter entries")
 
 
 def _title_index(titles: Sequence[str], *, strip_year: bool) -> dict[str, list[int]]:

@@ -112,14 +112,16 @@ def prepare(cfg: Config, sources: Sources, run: RunDir) -> Context:
 
 def run_popularity(ctx: Context) -> list[dict[str, Any]]:
     prior = exact_prior(ctx.histories, num_items=ctx.num_items, head_size=0)
-    metrics = evaluate(cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf), ctx.test, ks=ctx.cfg.eval.ks)
+    metrics = evaluate(cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf), ctx.test,
+                       ks=ctx.cfg.eval.ks)
     return [_row(ctx, "popularity", metrics, epsilon=None, seconds=0.0)]
 
 
 def run_dp_popularity(ctx: Context) -> list[dict[str, Any]]:
     accountant = PrivacyAccountant(accountant=ctx.cfg.privacy.accountant)
     prior = release_prior(ctx, accountant, "dp-popularity", share=1.0, cooccurrence=False)
-    metrics = evaluate(cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf), ctx.test, ks=ctx.cfg.eval.ks)
+    metrics = evaluate(cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf), ctx.test,
+                       ks=ctx.cfg.eval.ks)
     return [_row(ctx, "dp-popularity", metrics, epsilon=accountant.epsilon(ctx.delta), seconds=0.0)]
 
 
@@ -127,7 +129,8 @@ def run_itemknn(ctx: Context) -> list[dict[str, Any]]:
     """Non-private item-kNN: exact co-occurrence over the whole catalogue, the same scorer."""
     prior = exact_prior(ctx.histories, num_items=ctx.num_items, head_size=ctx.num_items,
                         clip=ctx.cfg.prior.clip_norm)
-    metrics = evaluate(cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf), ctx.test, ks=ctx.cfg.eval.ks)
+    metrics = evaluate(cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf), ctx.test,
+                       ks=ctx.cfg.eval.ks)
     return [_row(ctx, "itemknn", metrics, epsilon=None, seconds=0.0)]
 
 
@@ -136,7 +139,8 @@ def run_dp_cooccurrence(ctx: Context) -> list[dict[str, Any]]:
     accountant = PrivacyAccountant(accountant=ctx.cfg.privacy.accountant)
     t0 = time.perf_counter()
     prior = release_prior(ctx, accountant, "dp-cooccurrence", share=1.0, cooccurrence=True)
-    metrics = evaluate(cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf), ctx.test, ks=ctx.cfg.eval.ks)
+    metrics = evaluate(cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf), ctx.test,
+                       ks=ctx.cfg.eval.ks)
     save_prior(ctx.run.root / "dp-cooccurrence" / "final", prior)
     return [_row(ctx, "dp-cooccurrence", metrics, epsilon=accountant.epsilon(ctx.delta),
                  seconds=time.perf_counter() - t0)]
@@ -246,7 +250,8 @@ def _recommender(ctx: Context) -> Loaded:
 def _catalogue(ctx: Context) -> Catalogue:
     if ctx.catalogue is None:
         loaded = _recommender(ctx)
-        ctx.catalogue = catalogue_cached(loaded.encoder, ctx.dataset.item_texts, cache_dir=ctx.sources.cache_dir,
+        ctx.catalogue = catalogue_cached(loaded.encoder, ctx.dataset.item_texts,
+                                         cache_dir=ctx.sources.cache_dir,
                                          model_fingerprint=loaded.base.fingerprint,
                                          batch_size=ctx.cfg.eval.batch_size)
     return ctx.catalogue

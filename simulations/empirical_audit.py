@@ -39,9 +39,15 @@ from fedrec.common.audit import FAIL, PASS, WARN, Check
 from fedrec.common.config import Config
 from fedrec.common.errors import ConfigError
 from fedrec.common.evaluation import catalogue_vectors
-from fedrec.common.recommender import Catalogue, ItemEncoder, build_recommender, catalogue_cached, user_vectors
 from fedrec.common.onerun import GuessResult, audit_scores
 from fedrec.common.privacy import PrivacyAccountant, calibrate_noise, check_delta, default_delta
+from fedrec.common.recommender import (
+    Catalogue,
+    ItemEncoder,
+    build_recommender,
+    catalogue_cached,
+    user_vectors,
+)
 from fedrec.simulations.audit import AuditReport
 from fedrec.simulations.central import Sources
 
@@ -223,7 +229,8 @@ class CanaryTrainer(LocalTrainer):
             raise ConfigError(f"{len(names)} gradient canaries need as many LoRA coordinates; the adapter "
                               f"has {sum(sizes.values())}")
         keys = list(sizes)
-        flat = np.random.default_rng([seed, 0xD1AC]).choice(sum(sizes.values()), size=len(names), replace=False)
+        flat = np.random.default_rng([seed, 0xD1AC]).choice(sum(sizes.values()), size=len(names),
+                                                            replace=False)
         offsets = np.cumsum([0, *sizes.values()])
         where = np.searchsorted(offsets, flat, side="right") - 1
         self.coords = [(keys[int(j)], int(f - offsets[j])) for f, j in zip(flat, where, strict=True)]

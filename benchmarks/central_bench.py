@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--append", action="store_true", help="add these seeds to the stored runs")
     args = parser.parse_args()
     from fedrec.common.config import CENTRAL_METHODS
 
@@ -84,10 +85,17 @@ def main() -> None:
         rows, config = run_once(methods, seed, args.epsilon, args.overrides)
         runs.append(rows)
     suffix = "" if args.epsilon == 8.0 else f"eps{args.epsilon:g}"
-    rows = summarise(runs, suffix)
     doc = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if doc.get("design") != "item-encoder":  # the file of the previous design: start afresh
         doc = {"design": "item-encoder"}
+    # every run's rows are kept under "runs" (by suffix); --append adds seeds to what is there
+    stored = doc.setdefault("runs", {}).setdefault(suffix or "eps8", [])
+    names = {r["method"] for rows in runs for r in rows}
+    if args.append:
+        runs = [[r for r in rows if r["method"] in names] for rows in stored] + runs
+    stored[:] = runs if args.append else \
+        [[r for r in rows if r["method"] not in names] for rows in stored] + runs
+    rows = summarise([[r for r in rows if r["method"] in names] for rows in runs], suffix)
     kept = [r for r in doc.get("rows", []) if r["method"] not in {x["method"] for x in rows}]
     doc.update({
         "protocol": "MovieLens-100K, all users, chronological leave-one-out, full-catalogue ranking, "

@@ -84,6 +84,8 @@ class PeakMemory:
 
 def save_rows(rows: list[dict[str, Any]], key: str, meta: dict[str, Any]) -> None:
     doc = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if doc.get("design") != "item-encoder":  # the file of the previous design: start afresh
+        doc = {"design": "item-encoder"}
     doc.update({k: v for k, v in meta.items() if k not in doc or k == "machine"})
     # settings differ between invocations: each row keeps the overrides and scale it ran with
     rows = [{**r, "overrides": meta["overrides"], "scale": meta["scale"]} for r in rows]

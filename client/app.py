@@ -72,7 +72,7 @@ def make_client_app(settings: SettingsFn | None = None) -> ClientApp:
     @app.query("cooccurrence")
     def cooccurrence(msg: Message, context: Context) -> Message:
         job = _job(*settings(context), context)
-        head = msg.content["head"]["head"].numpy()  # type: ignore[index]
+        head = msg.content.array_records["head"].to_torch_state_dict()["head"].numpy()
         outcome = job.cooccurrence(_request(msg.content["config"]), head)
         return _reply(msg, outcome, job.local.name)
 

@@ -46,7 +46,8 @@ PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 # --- contributions ---------------------------------------------------------------------------
 
 
-def user_items(histories: Sequence[Sequence[int]], *, num_items: int) -> list[np.ndarray]:
+def user_items(histories: Sequence[Sequence[int]] | Sequence[np.ndarray], *,
+               num_items: int) -> list[np.ndarray]:
     """Each user's distinct item indices (sorted int64), validated against the catalogue size."""
     out = []
     for u, items in enumerate(histories):
@@ -262,7 +263,8 @@ class CollaborativePrior:
     # -- files --
 
     def tensors(self) -> dict[str, np.ndarray]:
-        out = {"popularity": self.popularity.astype(np.float32), "head": self.head.astype(np.int64)}
+        out: dict[str, np.ndarray] = {"popularity": self.popularity.astype(np.float32),
+                                      "head": self.head.astype(np.int64)}
         if self.cooccurrence is not None:
             out["cooccurrence"] = self.cooccurrence.astype(np.float32)
         return out

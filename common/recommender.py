@@ -192,14 +192,14 @@ class ItemEncoder:
                               "['down_proj'] (Llama/Qwen/Mistral) or ['c_proj'] (GPT-2)")
 
 
-def _adapter_off(model: nn.Module) -> Any:
+def _adapter_off(model: Any) -> Any:
     """PEFT's context that runs the base model alone (a no-op context for a plain model)."""
     import contextlib
 
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
-def _inner(model: nn.Module) -> Any:
+def _inner(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

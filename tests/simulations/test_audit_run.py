@@ -341,3 +341,25 @@ def test_trust_flags_are_checked(run_dir: Path, tmp_path: Path, capsys) -> None:
     assert "64 hex digits" in capsys.readouterr().err
     assert main(["audit", str(run_dir), "--expect-head", "client-0=" + "ab" * 32]) == 1
     assert "[client-0]: chain head = expected" in capsys.readouterr().err
+
+
+def test_the_co_occurrence_release_is_re_derived_and_a_tampered_one_is_caught(
+        run_dir: Path, tmp_path: Path, capsys) -> None:
+    from fedrec.common.privacy import MechanismStep, epsilon
+    from safetensors.torch import load_file, save_file
+
+    lines = read_jsonl(run_dir / "clients" / "client-1" / "ledger.jsonl")
+    cooc = [e for e in lines if e["mechanism"] == "prior-cooccurrence"]
+    assert len(cooc) == 1 and cooc[0]["sample_rate"] == 1.0 and cooc[0]["steps"] == 1
+    history = [MechanismStep(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in lines[:2]]
+    assert cooc[0]["epsilon"] == pytest.approx(epsilon(history, delta=cooc[0]["delta"]), rel=1e-9)
+
+    run = copy_run(run_dir, tmp_path)
+    stored = [p for p in (run / "clients" / "client-1" / "replies").glob("*cooccurrence*")]
+    assert len(stored) == 1
+    tensors = load_file(str(stored[0]))
+    tensors["cooccurrence"][0, 0] += 1.0  # the released matrix edited after the fact
+    save_file(tensors, str(stored[0]))
+
+    assert main(["audit", str(run)]) == 1
+    assert "released tensors match the ledger" in capsys.readouterr().err

@@ -5,6 +5,10 @@ contributes the gradient of one loss term built only from that user's data (a ne
 from their history, scored against negatives drawn uniformly from the public catalogue), so the
 per-user gradient — item-side encodings included — is clipped as one unit by Opacus'
 DPOptimizer, which also adds the noise; the step hook records (σ, q) in the accountant.
+
+Randomness: the Poisson masks and the noise come from a `MechanismRandom` (common/randomness.py),
+the OS CSPRNG unless the caller passes a seeded one (tests, benchmarks); Opacus' own noise path
+would use torch's Mersenne Twister, so `SecretNoiseDPOptimizer` replaces only its `add_noise`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from fedrec.common.model import Recommender
 from fedrec.common.privacy import PrivacyAccountant
+from fedrec.common.randomness import MechanismRandom
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -96,10 +102,34 @@ def per_user_gradients(
     return stacked, total / max(1, len(examples))
 
 
-def poisson_sample(users: Sequence[str], sample_rate: float, rng: np.random.Generator) -> list[str]:
+def poisson_sample(users: Sequence[str], sample_rate: float,
+                   rng: np.random.Generator | MechanismRandom) -> list[str]:
     """Each user independently with probability q (the sampling the accountant assumes)."""
     mask = rng.random(len(users)) < sample_rate
     return [u for u, keep in zip(users, mask, strict=True) if keep]
+
+
+class SecretNoiseDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer (clip, sum, scale, step hooks) with the noise drawn from a MechanismRandom.
+
+    With `secure_mode` the draw is Opacus' secure construction (four Gaussians summed, halved),
+    from this source instead of torch's generator.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise: MechanismRandom, **kwargs: object) -> None:
+        super().__init__(optimizer, **kwargs)  # type: ignore[arg-type]
+        self.noise_source = noise
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            ref = p.summed_grad
+            draw = self.noise_source.normal(0.0, std, tuple(ref.shape), secure=self.secure_mode) \
+                if std > 0 else np.zeros(tuple(ref.shape))
+            noise = torch.from_numpy(np.asarray(draw)).to(device=ref.device, dtype=ref.dtype)
+            p.grad = (ref + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 class LocalTrainer:
@@ -120,13 +150,17 @@ class LocalTrainer:
         dp: DPSettings | None = None,
         accountant: PrivacyAccountant | None = None,
         proximal_mu: float = 0.0,
+        rng: MechanismRandom | None = None,
     ) -> None:
+        """`rng`: where masks, noise and examples come from; None: seeded by `seed` (deterministic,
+        NOT private: tests and benchmarks); a client passes MechanismRandom.secret()."""
         self.rec = rec
         self.item_titles, self.item_texts = item_titles, item_texts
         self.sequences = sequences
         self.users = sorted(sequences)
         self.batch_size, self.max_history, self.negatives = batch_size, max_history, negatives
-        self.rng = np.random.default_rng(seed)
+        self.random = rng if rng is not None else MechanismRandom.seeded(seed, "trainer")
+        self.rng = self.random.generator()  # examples and negatives
         self.params = [p for p in rec.model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable (LoRA) parameters")
@@ -140,13 +174,13 @@ class LocalTrainer:
         if dp is not None:
             if accountant is None:
                 raise ValueError("DP training needs an accountant to record what it spends")
-            dp_optimizer = DPOptimizer(
+            dp_optimizer = SecretNoiseDPOptimizer(
                 base,
+                noise=self.random,
                 noise_multiplier=dp.noise_multiplier,
                 max_grad_norm=dp.clip_norm,
-                expected_batch_size=batch_size,
+                expected_batch_size=batch_size,  # a public constant: never the private user count
                 secure_mode=dp.secure_rng,
-                generator=torch.Generator().manual_seed(seed) if not dp.secure_rng else None,
             )
             dp_optimizer.attach_step_hook(accountant.make_step_hook(dp.sample_rate))
             self.optimizer = dp_optimizer
@@ -206,7 +240,7 @@ class LocalTrainer:
         losses, seen = [], 0
         bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
         for _ in bar:
-            users = poisson_sample(self.users, self.sample_rate, self.rng)
+            users = poisson_sample(self.users, self.sample_rate, self.random)
             examples = self.examples_for(users)
             loss = self.step(examples)
             seen += len(examples)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -76,7 +77,10 @@ class TrainConfig:
     lr: float = 3e-3
     negatives: int = 15  # uniformly sampled negatives per user and step
     temperature: float = 0.05  # fixed softmax temperature over cosine similarities
-    seed: int = 0
+    seed: int = 0  # data split, partitions, LoRA init; never the DP noise or sampling masks
+    # Seeded (reproducible) noise and sampling masks: tests and benchmarks only, NOT private;
+    # recorded in every ledger line; a client whose own policy does not allow it refuses.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for method in self.methods:
@@ -101,8 +105,9 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         _positive("privacy.target_epsilon", self.target_epsilon)
-        if self.noise_multiplier is not None and self.noise_multiplier < 0:
-            raise ConfigError(f"privacy.noise_multiplier={self.noise_multiplier} must be >= 0")
+        if self.noise_multiplier is not None and not 0 <= self.noise_multiplier < math.inf:
+            raise ConfigError(f"privacy.noise_multiplier={self.noise_multiplier} must be a finite "
+                              "number >= 0")
         _positive("privacy.clip_norm", self.clip_norm)
         _choice("privacy.accountant", self.accountant, ("rdp", "prv"))
         if self.delta is not None and not 0.0 < self.delta < 1.0:
@@ -124,12 +129,12 @@ class PriorConfig:
 
     def __post_init__(self) -> None:
         _positive("prior.clip_norm", self.clip_norm)
-        if self.weight < 0:
-            raise ConfigError(f"prior.weight={self.weight} must be >= 0")
+        if not 0 <= self.weight < math.inf:
+            raise ConfigError(f"prior.weight={self.weight} must be a finite number >= 0")
         if not 0 < self.budget_share < 1:
             raise ConfigError(f"prior.budget_share={self.budget_share} must be between 0 and 1 (exclusive)")
-        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise ConfigError(f"prior.noise_multiplier={self.noise_multiplier} must be > 0")
+        if self.noise_multiplier is not None:
+            _positive("prior.noise_multiplier", self.noise_multiplier)
 
 
 @dataclass(frozen=True)
@@ -155,14 +160,22 @@ class FederatedConfig:
     mapping_file: str | None = None  # user_id,client CSV for partition = "mapping"
     rounds: int = 3
     local_epochs: float = 1.0  # expected passes over the client's users per round
+    # Public Poisson rate q of DP-SGD at every client (bounded by each client's policy); steps per
+    # round = ceil(local_epochs / q). Neither depends on a client's private user count.
+    sample_rate: float = 0.5
     strategy: str = "fedavg"  # fedavg | fedprox | fedadam (Flower's strategies)
-    weighting: str = "users"  # users: weight by the client's user count | uniform
+    # users | uniform. Clients send weight 1 (their user count is private), so both are uniform.
+    weighting: str = "users"
     proximal_mu: float = 0.01  # fedprox only
     server_lr: float = 0.1  # fedadam only (eta)
     dp: bool = True  # user-level DP-SGD at every client (false: plain local training)
     # Budgets of the simulated clients: their own local setting, never sent by the server.
     # client name -> ε; clients not named get privacy.target_epsilon.
     client_budgets: dict[str, float] = field(default_factory=dict)
+    # The simulated institutions' policies (client/policy.py): client name (or "*" for every
+    # client) -> node-config keys, e.g. {"*" = {allow-non-private = true}}; not read by deployed
+    # clients, whose policy is their own node config.
+    client_policy: dict[str, dict[str, Any]] = field(default_factory=dict)
     num_cpus: float = 2.0  # CPU cores per simulated client (2 on a 2-core machine: one at a time)
     num_gpus: float = 0.0  # GPU share per simulated client
     timeout: float = 3600.0  # seconds the server waits for replies in one round
@@ -188,6 +201,8 @@ class FederatedConfig:
         _positive("fed.alpha", self.alpha)
         _positive("fed.rounds", self.rounds)
         _positive("fed.local_epochs", self.local_epochs)
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"fed.sample_rate={self.sample_rate} must be in (0, 1]")
         _choice("fed.strategy", self.strategy, FED_STRATEGIES)
         _choice("fed.weighting", self.weighting, ("users", "uniform"))
         if self.proximal_mu < 0:
@@ -195,6 +210,9 @@ class FederatedConfig:
         _positive("fed.server_lr", self.server_lr)
         for name, eps in self.client_budgets.items():
             _positive(f"fed.client_budgets.{name}", eps)
+        for name, table in self.client_policy.items():
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"fed.client_policy.{name} must be a table of policy settings")
         _positive("fed.num_cpus", self.num_cpus)
         _positive("fed.timeout", self.timeout)
         _positive("fed.eval_every", self.eval_every)
@@ -320,8 +338,9 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key}={value} must be > 0")
+    """> 0 and finite: inf and nan are config errors, not budgets or rates."""
+    if not 0 < value < math.inf:
+        raise ConfigError(f"{key}={value} must be a finite number > 0")
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> Config:

@@ -140,7 +140,12 @@ def simulated_clients(cfg: Config, dataset: Dataset, split: Split) -> dict[str, 
         dataset, scheme=f.partition, num_clients=f.clients, seed=cfg.train.seed, alpha=f.alpha,
         attribute=f.attribute, mapping_file=Path(f.mapping_file) if f.mapping_file else None,
     )
-    return client_datasets(split, assignment)
+    clients = client_datasets(split, assignment)
+    if f.partition in ("iid", "dirichlet") and len(clients) < f.clients:
+        raise ConfigError(
+            f"fed.clients={f.clients} but only {len(clients)} clients get any of the {len(split.train)} "
+            f"users (data.max_users={cfg.data.max_users}); lower fed.clients or raise data.max_users")
+    return clients
 
 
 # --- the client ------------------------------------------------------------------------------

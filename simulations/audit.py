@@ -37,6 +37,7 @@ class RunRecord:
     prior: bool
     weighting: str
     batch_size: int | None
+    sample_rate: float | None = None  # fed.sample_rate: the public q every DP-SGD line must carry
 
     def budget(self, client: str) -> float | None:
         return float(self.client_budgets.get(client, self.target_epsilon)) \
@@ -107,8 +108,10 @@ def _audit_path(path: Path, tol: Tolerance) -> Target:
         return _audit_client_state(path, tol)
     if path.is_file():
         target = Target(path, "ledger")
-        target.clients.append(audit.audit_ledger(_client_name(path), read_ledger(path), source=str(path),
-                                                 tol=tol, mid_chain=True))
+        entries = read_ledger(path)
+        ca = audit.audit_ledger(_client_name(path), entries, source=str(path), tol=tol, mid_chain=True)
+        ca.checks += [check_dp(entries), check_rng(entries)]
+        target.clients.append(ca)
         return target
     raise DataError(f"{path} is neither a run directory (with ledgers/), a client state directory (with "
                     "ledger.jsonl) nor a ledger file; pass one of those")
@@ -122,7 +125,7 @@ def _audit_client_state(path: Path, tol: Tolerance) -> Target:
     target = Target(path, "client-state")
     ledger = read_ledger(path / "ledger.jsonl")
     ca = audit.audit_ledger(path.name, ledger, source=str(path / "ledger.jsonl"), tol=tol)
-    ca.checks.append(check_replies(path, ledger))
+    ca.checks += [check_replies(path, ledger), check_dp(ledger), check_rng(ledger)]
     target.clients.append(ca)
     return target
 
@@ -142,8 +145,11 @@ def _audit_run(root: Path, tol: Tolerance) -> Target:
             continue
         ctx = _context(client, rounds, record, own.get(client))
         # the server's copy holds this run only: a client that took part in earlier runs starts mid-chain
-        ca = audit.audit_ledger(client, read_ledger(ledgers[client]), source=str(ledgers[client]),
+        entries = read_ledger(ledgers[client])
+        ca = audit.audit_ledger(client, entries, source=str(ledgers[client]),
                                 context=ctx, tol=tol, mid_chain=True)
+        ca.checks += [check_dp(entries, run_dp=record.dp), check_rng(entries),
+                      check_public_rate(entries, record.sample_rate)]
         if client in own and ctx.own_copy is not None:
             ca.checks.append(check_replies(own[client].parent, ctx.own_copy))
         target.clients.append(ca)
@@ -158,9 +164,11 @@ def _context(client: str, rounds: Sequence[Mapping[str, Any]], record: RunRecord
     eps = {int(r["round"]): float(r["epsilon"][client]) for r in rounds
            if client in r.get("epsilon", {}) and client not in r.get("clients_refused", [])}
     trained = tuple(eps)
+    # every round a client trained needs its DP-SGD line, whatever fed.dp says (check_dp FAILs
+    # a run configured without DP on its own)
     return RunContext(
-        trained_rounds=trained if record.dp else (), round_epsilon=eps,
-        prior_released=record.prior, dp=record.dp,
+        trained_rounds=trained, round_epsilon=eps,
+        prior_released=record.prior, dp=True,
         own_copy=read_ledger(own_path) if own_path else None,
         budget=record.budget(client), batch_size=record.batch_size,
     )
@@ -207,7 +215,52 @@ def read_run_record(root: Path) -> RunRecord:
         accountant=str(privacy.get("accountant", "rdp")), secure_rng=bool(privacy.get("secure_rng", False)),
         dp=bool(fed.get("dp", True)), prior=bool(doc.get("prior", {}).get("enabled", False)),
         weighting=str(fed.get("weighting", "users")), batch_size=train.get("batch_size"),
+        sample_rate=fed.get("sample_rate"),
     )
+
+
+NON_PRIVATE, EVALUATION = "non-private", "dp-eval"
+
+
+def check_dp(ledger: Sequence[Mapping[str, Any]], *, run_dp: bool = True) -> Check:
+    """FAIL when any round trained without DP (a non-private line, or a run with fed.dp = false)."""
+    name = "every release under DP"
+    bad = [int(e.get("round", -1)) for e in ledger
+           if e.get("mechanism") == NON_PRIVATE or e.get("dp") is False]
+    if bad or not run_dp:
+        why = f"rounds {bad} trained without DP (mechanism non-private, σ = 0)" if bad else \
+            "the run was configured with fed.dp = false"
+        return Check(name, FAIL, f"{why}: no privacy guarantee holds for this client's users")
+    return Check(name, PASS, "every release is a DP mechanism (σ > 0)")
+
+
+def check_public_rate(ledger: Sequence[Mapping[str, Any]], sample_rate: float | None) -> Check:
+    """q of every DP-SGD line is the run's public fed.sample_rate: fixed before training, independent
+    of the client's private user count (so the add/remove-one-user analysis applies as recorded)."""
+    name = "q is the public sample rate"
+    sgd = [e for e in ledger if e.get("mechanism") == "dp-sgd"]
+    if sample_rate is None or not sgd:
+        return Check(name, INFO, "no fed.sample_rate in the run's config, or no DP-SGD release: not checked")
+    wrong = [e for e in sgd if float(e["sample_rate"]) != float(sample_rate)]
+    if wrong:
+        return Check(name, FAIL, f"round {wrong[0].get('round')}: q={wrong[0]['sample_rate']} but the run's "
+                     f"public fed.sample_rate is {sample_rate}")
+    return Check(name, PASS, f"q = fed.sample_rate = {sample_rate} in every DP-SGD release")
+
+
+def check_rng(ledger: Sequence[Mapping[str, Any]]) -> Check:
+    """Which randomness the masks and noise came from, as each ledger line records it."""
+    name = "secret randomness"
+    labels = {str(e["rng"]) for e in ledger if "rng" in e}
+    seeded = [int(e.get("round", -1)) for e in ledger if e.get("rng") not in (None, "os-entropy")]
+    if seeded:
+        return Check(name, FAIL, f"rounds {seeded} used seeded randomness ({', '.join(sorted(labels))}): "
+                     "whoever knows the seed can regenerate and subtract the noise")
+    if len(labels) < 1 or any("rng" not in e for e in ledger):
+        return Check(name, WARN, "some lines do not record their randomness (written before fedrec "
+                     "recorded it): seeded from train.seed, the client name and the round")
+    return Check(name, PASS, "every release drew its sampling masks and noise from fresh OS entropy "
+                 "(os.urandom, the kernel's CSPRNG)")
 
 
 def check_replies(state_dir: Path, ledger: Sequence[Mapping[str, Any]]) -> Check:
@@ -218,8 +271,8 @@ def check_replies(state_dir: Path, ledger: Sequence[Mapping[str, Any]]) -> Check
     name = "released tensors match the ledger"
     checked, problems = 0, []
     for e in ledger:
-        if "adapter_sha256" not in e or "run_id" not in e:
-            continue
+        if "adapter_sha256" not in e or "run_id" not in e or e.get("mechanism") == EVALUATION:
+            continue  # an evaluation releases noisy scalars, no tensors
         kind = "prior" if e.get("mechanism") == "prior-counts" else "train"
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(e["run_id"]))
         path = state_dir / "replies" / f"{safe}-{kind}-{e['round']}.safetensors"
@@ -250,26 +303,28 @@ def assumptions(record: RunRecord | None, clients: Sequence[ClientAudit]) -> lis
         Check("neighbouring relation: add or remove one user", INFO,
               "all four accountants take the add/remove-one-user relation (Poisson-subsampled Gaussian)"),
         Check("Poisson sampling", PASS if poisson_ok else WARN,
-              "q in every DP-SGD release equals batch_size/users, the rate of the per-user Poisson sampler"
-              if poisson_ok else "could not confirm q = batch_size/users for every release"),
+              "every DP-SGD release records its Poisson rate q (a public setting; older ledgers: "
+              "batch_size/users)" if poisson_ok else "could not confirm q for every release"),
     ]
     if record is not None:
         out += [
-            Check("secure RNG", INFO if record.secure_rng else WARN,
-                  "on: Opacus secure_mode (cryptographic noise)" if record.secure_rng else
-                  "off (privacy.secure_rng = false): noise from torch's PRNG, not cryptographically "
-                  "secure; the prior counts use numpy's generator in any case"),
+            Check("randomness", INFO,
+                  "which source drew each release's masks and noise is checked per client from its "
+                  "ledger ('secret randomness'); privacy.secure_rng = "
+                  + ("true: DP-SGD noise uses Opacus' secure_mode construction (four Gaussians summed) "
+                     "against floating-point attacks" if record.secure_rng else
+                     "false: single Box-Muller Gaussians, not hardened against floating-point attacks")),
             Check("accountant that trained", INFO, f"Opacus {record.accountant.upper()}; re-derived above "
                   "with dp-accounting RDP and PLD"),
-            Check("users per client", WARN,
-                  "not covered: revealed to the server (ledger line 'users', 'num-examples' metrics)"
-                  + (" and used as FedAvg weights (fed.weighting = users)" if record.weighting == "users"
-                     else "")),
+            Check("users per client", INFO,
+                  "not released by clients that record their randomness: q and steps are public "
+                  "settings, replies carry weight 1 and noisy evaluation counts; older ledgers carry "
+                  "'users' and their replies the exact count"),
         ]
     out += [
         Check("item catalogue text", INFO, "not covered, and needs no cover: public item titles and genres"),
-        Check("evaluation metrics", WARN, "not covered: clients send HR/NDCG/MRR of their own validation "
-              "and test users to the server without noise"),
+        Check("evaluation metrics", INFO, "covered: clients release HR/NDCG/MRR sums of their own users "
+              "under the Gaussian mechanism ('dp-eval' lines, in ε above), or none (evaluation = off)"),
         Check("hyperparameters", WARN,
               "not covered: settings and the prior weight β chosen on validation users"),
     ]

@@ -312,7 +312,7 @@ class ClientJob:
         contributions = [np.unique(np.asarray(self.split.train[u], dtype=np.int64)) for u in self.users]
         rng = self._random(req.round, "prior")
         counts = private_counts(contributions, num_items=len(self.dataset.item_ids), clip_norm=clip,
-                                noise_multiplier=sigma, rng=rng)  # type: ignore[arg-type]
+                                noise_multiplier=sigma, rng=rng)
         state.accountant.step(noise_multiplier=sigma, sample_rate=1.0, steps=1)
         entry = self._ledger_entry(state, req.round, "prior-counts", step, clip, rng)
         metrics = self._base_metrics(state) | _ledger_metrics(entry)

@@ -538,8 +538,8 @@ def partition_users(
     if scheme == "attribute":
         return _by_attribute(dataset, users, attribute, num_clients or 0, zip_prefix)
     if num_clients is None or not 1 <= num_clients <= len(users):
-        raise ConfigError(f"num_clients={num_clients} must be between 1 and the {len(users)} users "
-                          f"of {dataset.name}")
+        raise ConfigError(f"fed.clients: num_clients={num_clients} must be between 1 and the {len(users)} "
+                          f"users of {dataset.name}; lower fed.clients")
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         order = rng.permutation(len(users))

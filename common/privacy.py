@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from fedrec.common.errors import ConfigError, DataError, PrivacyError
+from fedrec.common.randomness import MechanismRandom
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
@@ -305,7 +306,7 @@ def private_counts(
     num_items: int,
     clip_norm: float,
     noise_multiplier: float,
-    rng: np.random.Generator,
+    rng: np.random.Generator | MechanismRandom,
 ) -> np.ndarray:
     """Per-item user counts under the Gaussian mechanism (one step, q = 1) -> (num_items,) float64.
 

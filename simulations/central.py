@@ -42,6 +42,7 @@ from fedrec.common.privacy import (
     prior_noise,
     private_counts,
 )
+from fedrec.common.randomness import MechanismRandom, mechanism_random
 from fedrec.common.rundir import RunDir, save_prior_counts
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def dp_counts(ctx: Context, accountant: PrivacyAccountant, ledger: str) -> np.nd
     p = ctx.cfg.prior
     sigma = prior_noise(target_epsilon=ctx.cfg.privacy.target_epsilon, delta=ctx.delta, share=p.budget_share,
                         fixed=p.noise_multiplier, accountant=ctx.cfg.privacy.accountant)
-    rng = np.random.default_rng(ctx.cfg.train.seed + 1)
+    rng = _random(ctx, "prior")
     contributions = [np.unique(np.asarray(ctx.split.train[u], dtype=np.int64)) for u in ctx.users]
     counts = private_counts(
         contributions, num_items=len(ctx.dataset.item_ids), clip_norm=p.clip_norm,
@@ -214,6 +215,7 @@ def _trainer(
         sequences={u: ctx.split.train[u] for u in ctx.users}, lr=cfg.train.lr,
         batch_size=cfg.train.batch_size, max_history=cfg.data.max_history,
         negatives=cfg.train.negatives, seed=cfg.train.seed, dp=dp, accountant=accountant,
+        rng=_random(ctx, "train"),
     )
 
 
@@ -247,6 +249,12 @@ def _train(
     return seconds
 
 
+def _random(ctx: Context, purpose: str) -> MechanismRandom:
+    """Masks and noise from OS entropy; seeded only with train.deterministic (tests, benchmarks)."""
+    return mechanism_random(deterministic=ctx.cfg.train.deterministic, seed=ctx.cfg.train.seed,
+                            purpose=("central", purpose))
+
+
 def _ledger(
     ctx: Context, name: str, accountant: PrivacyAccountant, mechanism: str, sigma: float,
     q: float, steps: int, clip: float,
@@ -257,7 +265,7 @@ def _ledger(
         "round": ctx.ledger_rounds[name], "mechanism": mechanism, "noise_multiplier": sigma,
         "sample_rate": q, "steps": steps, "clip_norm": clip, "delta": ctx.delta,
         "epsilon": accountant.epsilon(ctx.delta), "accountant": ctx.cfg.privacy.accountant,
-        "users": len(ctx.users),
+        "users": len(ctx.users), "rng": _random(ctx, "label").label,
     }
     ctx.run.append_jsonl(f"ledgers/{name}.jsonl", record)
 

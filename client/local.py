@@ -211,8 +211,22 @@ class ClientJob:
             out.append(MechanismStep(self.prior_sigma(), 1.0, 1))
         if self.policy.evaluation == "dp":
             remaining = max(1, req.num_rounds - req.round + 1) + 1
-            out.append(MechanismStep(self.policy.eval_noise_multiplier, 1.0, remaining))
+            out.append(MechanismStep(self.eval_sigma(state, req.num_rounds), 1.0, remaining))
         return out
+
+    def eval_sigma(self, state: ClientState, num_rounds: int) -> float:
+        """σ of an evaluation release: the policy's, or the one pinned at the first release, or
+        calibrated so that num_rounds validations and the test cost eval_budget_share · ε."""
+        fixed = self.policy.eval_noise_multiplier or state.eval_noise_multiplier
+        if fixed is not None:
+            return fixed
+        return calibrate_noise(target_epsilon=self.policy.eval_budget_share * self.policy.epsilon_budget,
+                               delta=self.delta, sample_rate=1.0, steps=max(1, num_rounds) + 1,
+                               accountant=self.policy.accountant)
+
+    def _pin_eval_sigma(self, state: ClientState, req: RoundRequest) -> None:
+        if self.policy.evaluation == "dp" and state.eval_noise_multiplier is None:
+            state.eval_noise_multiplier = self.eval_sigma(state, req.num_rounds)
 
     def noise_multiplier(self, state: ClientState, req: RoundRequest) -> float:
         """σ of DP-SGD: fixed in the config, or calibrated once so the announced plan (prior,
@@ -275,6 +289,8 @@ class ClientJob:
     def _commit(self, state: ClientState, req: RoundRequest, kind: str, entry: dict[str, Any],
                 metrics: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
         state.pin_policy(self.policy.to_dict(), self.policy.digest())
+        if req.num_rounds > 0:  # a prior or training request announces the plan
+            self._pin_eval_sigma(state, req)
         return state.commit(run_id=req.run_id, kind=kind, rnd=req.round, ledger_entry=entry,
                             metrics=metrics, tensors=tensors)
 
@@ -417,7 +433,12 @@ class ClientJob:
         who = eval_users(self.split, which=which, users=self.users)
         if not who.user_ids:
             return Outcome(STATUS_NO_DATA, self._base_metrics(state), reason="no evaluation users")
-        step = MechanismStep(self.policy.eval_noise_multiplier, 1.0, 1)
+        sigma = self.policy.eval_noise_multiplier or state.eval_noise_multiplier
+        if sigma is None:  # σ follows the announced plan: an evaluation before any release has none
+            return self._refuse(state, STATUS_POLICY, f"{POLICY_CONFLICT}: an evaluation before any "
+                                f"prior or training release (no plan to size its noise) not allowed at "
+                                f"{self.local.name}")
+        step = MechanismStep(sigma, 1.0, 1)
         if (refused := self._refusal(state, [step], f"the {which} evaluation")) is not None:
             return refused
         self._load_global(global_tensors)

@@ -56,7 +56,10 @@ class Policy:
     evaluation: str = "dp"  # dp: metrics under the Gaussian mechanism, charged | off: none leave
     eval_ks: tuple[int, ...] = (10,)  # the only cut-offs this client evaluates
     eval_betas: tuple[float, ...] = PRIOR_WEIGHTS  # the only prior weights it evaluates
-    eval_noise_multiplier: float = 5.0  # σ of an evaluation release (sensitivity: see local.py)
+    # σ of an evaluation release (sensitivity: client/local.py noisy_metrics); None: calibrated at
+    # the first release so that one evaluation per round plus the test cost eval_budget_share · ε
+    eval_noise_multiplier: float | None = None
+    eval_budget_share: float = 0.1
     deterministic: bool = False  # seeded randomness: tests and benchmarks only, NOT private
 
     def __post_init__(self) -> None:
@@ -86,7 +89,12 @@ class Policy:
             raise ConfigError(f"policy eval-ks={list(self.eval_ks)} must be positive integers")
         if not self.eval_betas or any(not (_real(b) and 0 <= b < math.inf) for b in self.eval_betas):
             raise ConfigError(f"policy eval-betas={list(self.eval_betas)} must be finite numbers >= 0")
-        _finite_positive("eval-noise-multiplier", self.eval_noise_multiplier)
+        if self.eval_noise_multiplier is not None:
+            _finite_positive("eval-noise-multiplier", self.eval_noise_multiplier)
+        if not (_real(self.eval_budget_share) and 0 < self.eval_budget_share < 1
+                and self.prior_budget_share + self.eval_budget_share < 1):
+            raise ConfigError(f"policy eval-budget-share={self.eval_budget_share!r} must be in (0, 1) and, "
+                              f"with prior-budget-share={self.prior_budget_share}, leave some ε for DP-SGD")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
@@ -107,6 +115,7 @@ NODE_KEYS = {
     "allow-prior": "allow_prior", "prior-clip-norm": "prior_clip_norm",
     "prior-budget-share": "prior_budget_share", "evaluation": "evaluation", "eval-ks": "eval_ks",
     "eval-betas": "eval_betas", "eval-noise-multiplier": "eval_noise_multiplier",
+    "eval-budget-share": "eval_budget_share",
     "deterministic": "deterministic",
 }
 # node-config keys that are the client's other settings, not its policy

@@ -104,6 +104,7 @@ class ClientState:
         self.ledger: list[dict[str, Any]] = []
         self.answered: dict[str, dict[str, Any]] = {}  # "<run>/<kind>/<round>" -> reply record
         self.noise_multiplier: float | None = None  # σ fixed at the first round, then kept
+        self.eval_noise_multiplier: float | None = None  # σ of evaluations, fixed at the first release
         self.policy: dict[str, Any] | None = None  # the policy pinned at the first release
         self.policy_sha256: str | None = None
         path = self.root / "state.json"
@@ -151,6 +152,7 @@ class ClientState:
             self.ledger = list(state["ledger"])
             self.answered = dict(state["answered"])
             self.noise_multiplier = state.get("noise_multiplier")
+            self.eval_noise_multiplier = state.get("eval_noise_multiplier")
             self.policy = state.get("policy")
             self.policy_sha256 = state.get("policy_sha256")
         except (ValueError, KeyError, TypeError) as exc:
@@ -211,6 +213,7 @@ class ClientState:
             "version": STATE_VERSION, "accountant": self.accountant.state_dict(),
             "ledger": self.ledger, "answered": self.answered, "noise_multiplier": self.noise_multiplier,
             "policy": self.policy, "policy_sha256": self.policy_sha256,
+            "eval_noise_multiplier": self.eval_noise_multiplier,
         }
         atomic_write_json(self.root / "state.json", state)  # the commit point
         atomic_write_bytes(self.root / "ledger.jsonl", self._ledger_text())

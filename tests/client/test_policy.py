@@ -20,6 +20,7 @@ from fedrec.common.config import Config, to_run_config
 from fedrec.common.data import leave_one_out, load_dataset
 from fedrec.common.errors import ConfigError, PrivacyError
 from fedrec.common.evaluation import PRIOR_WEIGHTS
+from fedrec.common.privacy import MechanismStep, epsilon
 from fedrec.common.randomness import OS_ENTROPY, SEEDED
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
@@ -220,7 +221,8 @@ def test_bad_prior_counts_are_refused(tiny_data: Path, tmp_path: Path, counts) -
 def test_evaluation_is_a_dp_release_charged_once_or_off(tiny_data: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_data)
     sent = global_adapter(cfg, tmp_path)
-    app = app_with(cfg, tmp_path / "state", tmp_path / "cache", Policy(epsilon_budget=8.0))
+    app = app_with(cfg, tmp_path / "state", tmp_path / "cache",
+                   Policy(epsilon_budget=8.0, eval_noise_multiplier=5.0))
     msg = eval_message(sent, counts=np.arange(30.0), betas=PRIOR_WEIGHTS)
 
     first = app(msg, context())
@@ -237,6 +239,23 @@ def test_evaluation_is_a_dp_release_charged_once_or_off(tiny_data: Path, tmp_pat
     off = app_with(cfg, tmp_path / "off", tmp_path / "cache", Policy(epsilon_budget=8.0, evaluation="off"))
     reply = off(eval_message(sent), context())
     assert status(reply)["status"] == "policy-conflict" and "hr@10" not in dict(reply.content["metrics"])
+
+
+def test_evaluation_noise_follows_the_announced_plan(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data)
+    sent = global_adapter(cfg, tmp_path)
+    app = app_with(cfg, tmp_path / "state", tmp_path / "cache", Policy(epsilon_budget=2.0))
+
+    early = app(eval_message(sent), context())  # no prior or training release yet: no plan
+    assert status(early)["status"] == "policy-conflict" and "before any" in status(early)["reason"]
+
+    app(prior_message(), context())  # announces num-rounds = 2: two validations and the test
+    reply = app(eval_message(sent, rnd=1), context())
+
+    assert status(reply)["status"] == "ok"
+    sigma = ledger(tmp_path / "state")[-1]["noise_multiplier"]
+    delta = ledger(tmp_path / "state")[-1]["delta"]
+    assert epsilon([MechanismStep(sigma, 1.0, 3)], delta=delta) == pytest.approx(0.1 * 2.0, abs=0.011)
 
 
 def test_training_replies_carry_no_loss_and_no_user_count(tiny_data: Path, tmp_path: Path) -> None:

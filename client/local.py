@@ -526,13 +526,3 @@ def _counts_digest(counts: np.ndarray | None) -> str:
 def _ledger_metrics(entry: Mapping[str, Any]) -> dict[str, float]:
     keys = ("noise_multiplier", "sample_rate", "steps", "clip_norm", "delta", "epsilon")
     return {f"ledger.{k}": float(entry[k]) for k in keys}
-
-
-def require_budget(value: Any, where: str) -> float:
-    try:
-        eps = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: epsilon budget {value!r} is not a number") from None
-    if not 0 < eps < math.inf:
-        raise ConfigError(f"{where}: epsilon budget must be a finite number > 0, got {eps}")
-    return eps

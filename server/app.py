@@ -128,7 +128,7 @@ def run_server(
             evaluation = {"users": 0.0, "betas": [], "metrics": {}, "skipped": True}
         record = {
             "round": rnd, "clients_ok": len(trained),
-            "clients_refused": sorted(r.client for r in replies if r.status == "over-budget"),
+            "clients_refused": sorted(r.client for r in replies if r.status != "ok"),  # any refusal
             "clients_failed": failures, "aggregated": merged is not None,
             "loss": _mean([r.metrics["loss"] for r in trained if "loss" in r.metrics]),  # clients send none
             "valid": evaluation, "epsilon": {r.client: r.metrics.get("epsilon", 0.0) for r in replies},

@@ -59,3 +59,15 @@ def test_non_private_only_where_the_simulated_policy_allows_it(tiny_data: Path, 
     assert "every release under DP" in err and "within budget" in err
     line = [e for e in read_jsonl(out / "ledgers" / "client-0.jsonl") if e["mechanism"] != "dp-eval"]
     assert [e["mechanism"] for e in line] == ["non-private"]
+
+
+def test_a_client_refusing_by_policy_is_refused_not_missing(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = simulate_args(tiny_data, out, tmp_path / "cache", "fed.rounds=1", "prior.enabled=false",
+                         "fed.client_policy={client-0={max-local-epochs=0.1}}")  # the run asks for 0.5
+
+    assert main(args) == 0
+
+    [record] = read_jsonl(out / "rounds.jsonl")
+    assert record["clients_refused"] == ["client-0"] and record["clients_ok"] == 2
+    assert main(["audit", str(out)]) == 0  # no round is expected in client-0's ledger

@@ -68,6 +68,7 @@ STATUS_BAD_REQUEST = "bad-request"
 # A received prior count beyond this is not a sum of clipped, noised user counts of any real
 # catalogue; the client refuses to rank with it.
 MAX_PRIOR_COUNT = 1e9
+MAX_EVAL_SIGMA = 1e5  # an evaluation σ no budget can certify a smaller one for
 
 
 @dataclass(frozen=True)
@@ -216,13 +217,23 @@ class ClientJob:
 
     def eval_sigma(self, state: ClientState, num_rounds: int) -> float:
         """σ of an evaluation release: the policy's, or the one pinned at the first release, or
-        calibrated so that num_rounds validations and the test cost eval_budget_share · ε."""
+        calibrated so that num_rounds validations and the test cost eval_budget_share · ε.
+
+        Below ε ≈ 0.2 at δ = 1e-5 the RDP conversion cannot certify any σ, so the target doubles
+        until one is found (at most the whole budget); past that, MAX_EVAL_SIGMA (the metrics are
+        then noise, and cost next to nothing in the composition)."""
         fixed = self.policy.eval_noise_multiplier or state.eval_noise_multiplier
         if fixed is not None:
             return fixed
-        return calibrate_noise(target_epsilon=self.policy.eval_budget_share * self.policy.epsilon_budget,
-                               delta=self.delta, sample_rate=1.0, steps=max(1, num_rounds) + 1,
-                               accountant=self.policy.accountant)
+        target = self.policy.eval_budget_share * self.policy.epsilon_budget
+        while True:
+            try:
+                return calibrate_noise(target_epsilon=target, delta=self.delta, sample_rate=1.0,
+                                       steps=max(1, num_rounds) + 1, accountant=self.policy.accountant)
+            except PrivacyError:
+                if target >= self.policy.epsilon_budget:
+                    return MAX_EVAL_SIGMA
+                target = min(self.policy.epsilon_budget, 2 * target)
 
     def _pin_eval_sigma(self, state: ClientState, req: RoundRequest) -> None:
         if self.policy.evaluation == "dp" and state.eval_noise_multiplier is None:

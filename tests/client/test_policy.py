@@ -258,6 +258,16 @@ def test_evaluation_noise_follows_the_announced_plan(tiny_data: Path, tmp_path: 
     assert epsilon([MechanismStep(sigma, 1.0, 3)], delta=delta) == pytest.approx(0.1 * 2.0, abs=0.011)
 
 
+def test_a_small_budget_still_releases_and_sizes_its_evaluations(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data)  # 0.1 of ε = 1 is below what RDP can certify at δ = 1e-5
+    app = app_with(cfg, tmp_path / "state", tmp_path / "cache", Policy(epsilon_budget=1.0))
+
+    assert status(app(prior_message(), context()))["status"] == "ok"
+
+    sigma = json.loads((tmp_path / "state" / "state.json").read_text())["eval_noise_multiplier"]
+    assert 0 < sigma < 1e5
+
+
 def test_training_replies_carry_no_loss_and_no_user_count(tiny_data: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_data)
     app = app_with(cfg, tmp_path / "state", tmp_path / "cache", Policy(epsilon_budget=8.0))

@@ -136,7 +136,8 @@ def _audit_run(root: Path, tol: Tolerance) -> Target:
     target = Target(root, "run", record)
     ledgers = {p.stem: p for p in sorted((root / "ledgers").glob("*.jsonl"))}
     own = {p.parent.name: p for p in sorted((root / "clients").glob("*/ledger.jsonl"))}
-    reported = sorted({c for r in rounds for c in r.get("epsilon", {})})
+    # a client that refused everything (ε = 0 in every round) released nothing and needs no ledger
+    reported = sorted({c for r in rounds for c, e in r.get("epsilon", {}).items() if float(e) > 0})
     for client in sorted(set(ledgers) | set(own) | set(reported)):
         if client not in ledgers:
             target.checks.append(Check(f"ledger of {client}", FAIL,

@@ -26,6 +26,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path,
                         help="asset cache (default: $FEDREC_CACHE or ~/.cache/fedrec)")
     parser.add_argument("--offline", action="store_true", help="use only the cache; no network")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="seeded sampling masks and noise (train.deterministic): tests and "
+                             "benchmarks only, NOT private; recorded in every ledger line")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +147,8 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from fedrec.common.config import load_config
 
     overrides = list(args.overrides)
+    if getattr(args, "deterministic", False):
+        overrides.append("train.deterministic=true")
     if args.data:
         overrides.append(f"data.dataset={_toml_str(args.data)}")
     if args.model:

@@ -208,9 +208,9 @@ def noise_rows() -> list[dict[str, Any]]:
     shipped plans at ε = 8 (the prior releases taking their budget share first)."""
     rows = []
     plans = [  # (label, users in all, clients, rounds, steps per round at each client)
-        ("central: 1 party x 15 full-batch steps", 943, 1, 1, 15),
-        ("shipped default: 3 clients x 3 rounds x 5 full-batch steps", 943, 3, 3, 5),
-        ("movielens-institutions: 5 clients x 5 rounds x 5 full-batch steps", 943, 5, 5, 5),
+        ("central: 1 party x 5 full-batch steps", 943, 1, 1, 5),
+        ("shipped default: 3 clients x 3 rounds x 2 full-batch steps", 943, 3, 3, 2),
+        ("movielens-institutions: 5 clients x 5 rounds x 2 full-batch steps", 943, 5, 5, 2),
     ]
     for label, users, clients, rounds, steps in plans:
         n = users // clients
@@ -227,27 +227,33 @@ def noise_rows() -> list[dict[str, Any]]:
 
 
 def write_plot() -> Path:
-    """results/federated.html: NDCG@10 against ε for each method, central-dp-lora for reference."""
+    """results/privacy_utility.svg (and federated.html): test NDCG@10 against ε for popularity, CF,
+    the hybrid, central vs federated, from central.json and federated.json."""
     from fedrec.simulations.report import line_plot
 
-    doc = json.loads(RESULTS.read_text())
+    results = RESULTS.parent
+    central = json.loads((results / "central.json").read_text()).get("rows", []) \
+        if (results / "central.json").exists() else []
+    federated = json.loads(RESULTS.read_text()).get("rows", []) if RESULTS.exists() else []
+    families = {"dp-popularity": "popularity (central)", "dp-cooccurrence": "CF: dp-cooccurrence (central)",
+                "central-dp-lora": "hybrid: central-dp-lora",
+                "fed-dp-lora": "hybrid: federated, 3 institutions",
+                "local-dp-lora": "local-only (each institution alone)"}
     series: dict[str, list[tuple[float, float]]] = {}
-    for r in doc.get("rows", []):
-        target = re.search(r"-eps([0-9.]+)", r["method"])  # the budget each client was given
-        family = re.sub(r"-eps[0-9.]+", "", r["method"])  # fed-dp-lora-eps8-llm-only -> fed-dp-lora-llm-only
-        eps = float(target.group(1)) if target else round(float(r["epsilon"]))
-        series.setdefault(family, []).append((eps, float(r["ndcg@10"])))
-    central = Path(__file__).resolve().parent / "results" / "central.json"
-    if central.exists():
-        for r in json.loads(central.read_text())["rows"]:
-            if r["method"] in ("central-dp-lora", "dp-popularity"):
-                series[f"{r['method']} (central)"] = [(round(float(r["epsilon"])), float(r["ndcg@10"]))]
-    series = {k: sorted(v) for k, v in sorted(series.items())}
+    for r in [*central, *federated]:
+        if r["method"].endswith("-llm-only") or r.get("epsilon") is None:
+            continue
+        family = re.sub(r"-eps[0-9.]+$", "", r["method"])
+        if family in families:
+            series.setdefault(families[family], []).append((round(float(r["epsilon"])), float(r["ndcg@10"])))
+    svg = line_plot({k: sorted(v) for k, v in sorted(series.items())},
+                    "test NDCG@10 against ε (user-level), MovieLens-100K, all 943 users", "ε")
+    svg = svg[svg.index("<svg"):]
+    (results / "privacy_utility.svg").write_text(svg.replace("<svg ",
+                                                             "<svg xmlns='http://www.w3.org/2000/svg' ", 1))
     out = RESULTS.with_suffix(".html")
     out.write_text("<!doctype html><meta charset='utf-8'><title>fedrec privacy-utility</title>"
-                   "<body style='font-family:sans-serif'>"
-                   + line_plot(series, f"test NDCG@10 against ε (user-level); {doc.get('scale', '')}", "ε")
-                   + "</body>\n")
+                   "<body style='font-family:sans-serif'>" + svg + "</body>\n")
     return out
 
 

@@ -153,9 +153,11 @@ def requests_for(item_ids: list[str], n: int, rng: random.Random) -> list[dict[s
     return [{"history": rng.sample(item_ids, rng.randint(3, 10)), "k": 10} for _ in range(n)]
 
 
+# the load generator is one loopback address: the per-caller rate limit (20/s by default) is lifted
+UNLIMITED = ["--rate", "1000000", "--burst", "1000000", "--max-queue", "4096"]
 MODES = {  # name -> `fedrec serve` flags, concurrency levels, baseline code?
-    "warm": ([], CONCURRENCY, False),
-    "warm_unbatched": (["--no-batching"], CONCURRENCY, False),
+    "warm": (UNLIMITED, CONCURRENCY, False),
+    "warm_unbatched": (["--no-batching", *UNLIMITED], CONCURRENCY, False),
     "baseline_prompt_tower": ([], CONCURRENCY, True),
 }
 DEFAULT_MODE, BASELINE_MODE = "warm", "baseline_prompt_tower"

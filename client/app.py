@@ -1,15 +1,17 @@
 """The Flower ClientApp: translates messages to and from client/local.py, nothing more.
 
-Replies carry only LoRA tensors (or the noisy item counts of the prior release), scalar metrics,
-a status and the release's ledger line (mechanism, ε, budget, user count, hashes); no user ids,
-no item ids, no base-model tensors.
+Replies carry only LoRA tensors (or the noisy item counts of the prior release), scalar metrics
+(ε, the public plan, DP-noised evaluation sums; no loss, no user count), a status and the
+release's ledger line (mechanism, ε, budget, RNG, policy digest, hashes); no user ids, no item
+ids, no base-model tensors.
 
-Where a client's settings come from (its own, never the server's message):
-- `fedrec simulate` passes each simulated client's settings to `make_client_app`;
+Where a client's settings and policy come from (its own, never the server's message):
+- `fedrec simulate` passes each simulated institution's settings to `make_client_app`;
 - a deployed SuperNode sets them in its node config, e.g. `flower-supernode --node-config
-  "client-name='hospital-a' epsilon-budget=8.0 state-dir='/var/lib/fedrec' data='/data/a'"`;
-- `flwr run .` on the local simulation federation (no node config beyond partition-id) falls back
-  to the app config: each simulated node gets privacy.target_epsilon.
+  "client-name='hospital-a' epsilon-budget=8.0 state-dir='/var/lib/fedrec' data='/data/a'"`,
+  policy keys as in client/policy.py `NODE_KEYS`;
+- `flwr run .` on the local simulation federation (no node config beyond partition-id): the
+  node config's policy keys over the built-in default policy (ε = 8), never the run config.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ from typing import Any
 
 import torch
 from fedrec.client.local import (
+    STATUS_BAD_REQUEST,
     ClientJob,
     LocalSettings,
     Outcome,
     RoundRequest,
     load_split,
-    require_budget,
     simulated_clients,
 )
+from fedrec.client.policy import policy_from_settings
 from fedrec.client.secagg import secagg_mod
 from fedrec.common.assets import default_cache_dir, default_offline
 from fedrec.common.config import Config, from_run_config, to_dict
@@ -43,6 +46,7 @@ from flwr.clientapp import ClientApp
 log = logging.getLogger(__name__)
 
 SettingsFn = Callable[[Context], tuple[Config, LocalSettings]]
+DEFAULT_SIMULATED_BUDGET = 8.0  # `flwr run .` simulated nodes without an epsilon-budget of their own
 
 # Per process: the current client's job, and the model and data set every simulated client in
 # this process shares (each request loads the global adapter first, so nothing leaks between
@@ -79,29 +83,29 @@ def make_client_app(settings: SettingsFn | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         job = _job(*settings(context), context)
-        config = msg.content["config"]
-        outcome = job.evaluate(
-            _tensors(msg), which=str(config["split"]), prior=_prior(msg, job),
-            weights=[float(b) for b in config.get("weights", [])],  # type: ignore[union-attr]
-        )
-        return _reply(msg, outcome, job.local.name)
+        try:
+            request = _eval_request(msg, job)
+        except (KeyError, TypeError, ValueError, DataError) as exc:  # malformed: answered with a status
+            reason = f"{job.local.name}: bad evaluate message ({exc})"
+            outcome = Outcome(STATUS_BAD_REQUEST, {}, reason=reason)
+            return _reply(msg, outcome, job.local.name)
+        return _reply(msg, job.evaluate(_tensors(msg), **request), job.local.name)
 
     return app
 
 
 def settings_from_context(context: Context) -> tuple[Config, LocalSettings]:
-    """Config from the app's run_config; the client's own settings from its node config."""
+    """Config from the app's run_config; the client's own settings and policy from its node config."""
     require_pinned_version(context.node_config)
     cfg = from_run_config(context.run_config)
     node = context.node_config
     cache_dir = Path(str(node.get("cache-dir", ""))) if node.get("cache-dir") else default_cache_dir()
-    if "epsilon-budget" in node:
-        budget = require_budget(node["epsilon-budget"], "node config epsilon-budget")
-    elif "partition-id" in node:  # a simulated node without local settings: the app's default
-        budget = cfg.privacy.target_epsilon
-    else:
+    if "epsilon-budget" not in node and "partition-id" not in node:
         raise ConfigError("this SuperNode has no epsilon-budget in its node config; a client sets "
                           "its own budget, e.g. --node-config \"epsilon-budget=8.0\"")
+    # a simulated node without local settings gets the built-in default policy, not the run's
+    defaults = {} if "epsilon-budget" in node else {"epsilon_budget": DEFAULT_SIMULATED_BUDGET}
+    policy = policy_from_settings(node, where="node config", defaults=defaults)
     name = str(node.get("client-name", f"client-{node.get('partition-id', 0)}"))
     if "state-dir" in node:
         state_dir = Path(str(node["state-dir"]))
@@ -109,8 +113,7 @@ def settings_from_context(context: Context) -> tuple[Config, LocalSettings]:
         state_dir = Path(str(context.run_config.get("output", "runs/flwr"))) / "clients" / name
     else:  # a deployed node without a state-dir: under its working directory, never the server's
         state_dir = Path("fedrec-client-state") / name
-    delta = float(node["delta"]) if "delta" in node else None  # type: ignore[arg-type]
-    return cfg, LocalSettings(name, state_dir, budget, delta, cache_dir, bool(default_offline()))
+    return cfg, LocalSettings.of(name, state_dir, policy, cache_dir, bool(default_offline()))
 
 
 def require_pinned_version(node: Mapping[str, Any]) -> None:
@@ -193,6 +196,20 @@ def _prior(msg: Message, job: ClientJob) -> CollaborativePrior | None:
         raise DataError(f"the server's prior has {prior.num_items} items, "
                         f"this catalogue {len(job.dataset.item_ids)}")
     return prior
+
+
+def _eval_request(msg: Message, job: ClientJob) -> dict[str, Any]:
+    """The evaluate message's arguments, parsed; what they may ask for is the policy's business."""
+    config = msg.content["config"]
+    ks = config.get("ks")
+    return {
+        "which": str(config["split"]),
+        "prior": _prior(msg, job),
+        "weights": [float(b) for b in config.get("weights", [])],  # type: ignore[union-attr]
+        "ks": None if ks is None else [int(k) for k in ks],  # type: ignore[union-attr]
+        "run_id": str(config["run-id"]) if "run-id" in config else None,
+        "rnd": int(config.get("server-round", -1)),  # type: ignore[arg-type]
+    }
 
 
 def _tensors(msg: Message) -> dict[str, torch.Tensor]:

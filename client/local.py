@@ -1,10 +1,19 @@
-"""One client's side of federated training, free of Flower: data, budget, DP rounds, evaluation.
+"""One client's side of federated training, free of Flower: data, policy, budget, DP releases.
 
-The client decides its own privacy: its ε budget and δ come from `LocalSettings` (its node
-config or local files), never from the server. Every release — the noisy popularity counts, the
-noisy co-occurrence over the head items, and each round's adapter update — is checked against
-that budget first, refused if it would exceed it, and recorded durably (client/state.py) before
-the reply leaves.
+The client decides its own privacy: its policy (client/policy.py) — ε budget, δ, clip norms,
+accountant, what it allows — comes from `LocalSettings` (its node config or the simulated
+institution's settings), never from the server. Every release — the noisy popularity counts,
+each round's adapter update, each evaluation's noisy metrics — is checked against that policy
+and budget first, refused (with a status the coordinator sees) if it would break either, and
+recorded durably (client/state.py), under the state directory's lock, before the reply leaves.
+The prior is two releases: noisy popularity, then noisy co-occurrence over the head the server
+picked from the summed noisy popularity (any head keeps the per-user bound).
+
+What is public and what is not: the Poisson rate q (`train.sample_rate`), the steps per round
+(⌈local epochs / q⌉) and the normalising batch size (`train.batch_size`) are public settings
+bounded by the policy; none depends on the client's private user count N, which never leaves:
+replies carry `num-examples` = 1 (uniform FedAvg weighting), no loss and no batch totals, and
+evaluation metrics leave only as noisy sums charged to the budget.
 """
 
 from __future__ import annotations
@@ -18,15 +27,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from fedrec.client.state import ClientState
-from fedrec.client.train import (
-    DPSettings,
-    LocalTrainer,
-    entropy_seed,
-    objective,
-    residual_cf,
-    steps_for_epochs,
+from fedrec.client.policy import (
+    POLICY_CONFLICT,
+    Policy,
+    check_evaluation,
+    check_prior,
+    check_request,
 )
+from fedrec.client.state import ClientState, state_lock
+from fedrec.client.train import DPSettings, LocalTrainer, objective, residual_cf, steps_for_epochs
 from fedrec.common.assets import resolve_dataset
 from fedrec.common.config import Config
 from fedrec.common.data import (
@@ -47,7 +56,7 @@ from fedrec.common.evaluation import (
     evaluate_blends,
     llm_scores,
 )
-from fedrec.common.lora import adapter_spec, adapter_state, load_adapter
+from fedrec.common.lora import adapter_spec, adapter_state, load_adapter, tensors_digest
 from fedrec.common.prior import (
     MECHANISM_COOCCURRENCE,
     MECHANISM_POPULARITY,
@@ -65,17 +74,27 @@ from fedrec.common.privacy import (
     default_delta,
     epsilon,
 )
+from fedrec.common.randomness import MechanismRandom, mechanism_random
 from fedrec.common.recommender import Catalogue, Loaded, build_recommender, catalogue_cached
 
 log = logging.getLogger(__name__)
 
 STATUS_OK, STATUS_OVER_BUDGET, STATUS_NO_DATA = "ok", "over-budget", "no-data"
+STATUS_POLICY = POLICY_CONFLICT
 STATUS_BAD_REQUEST = "bad-request"
+# A received prior count beyond this is not a sum of clipped, noised user counts of any real
+# catalogue; the client refuses to rank with it.
+MAX_PRIOR_COUNT = 1e9
+MAX_EVAL_SIGMA = 1e5  # an evaluation σ no budget can certify a smaller one for
+# test evaluations at the end of a run: the blend (and CF alone) in one, the LLM alone in another
+TEST_EVALUATIONS = 2
 
 
 @dataclass(frozen=True)
 class LocalSettings:
-    """What only the client decides: who it is, where its state lives, how much ε it may spend."""
+    """What only the client decides: who it is, where its state lives, its privacy policy.
+
+    `policy` None: the default policy with this budget and δ (tests, old callers)."""
 
     name: str
     state_dir: Path
@@ -83,6 +102,23 @@ class LocalSettings:
     delta: float | None = None  # None: min(1e-5, 1/(10·users at this client))
     cache_dir: Path = Path(".")
     offline: bool = False
+    policy: Policy | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy is None:
+            object.__setattr__(self, "policy", Policy(epsilon_budget=self.epsilon_budget, delta=self.delta))
+        elif (self.policy.epsilon_budget, self.policy.delta) != (self.epsilon_budget, self.delta):
+            raise ConfigError(f"{self.name}: epsilon_budget/delta differ from its policy's")
+
+    @classmethod
+    def of(cls, name: str, state_dir: Path, policy: Policy, cache_dir: Path = Path("."),
+           offline: bool = False) -> LocalSettings:
+        return cls(name, state_dir, policy.epsilon_budget, policy.delta, cache_dir, offline, policy)
+
+    @property
+    def the_policy(self) -> Policy:
+        assert self.policy is not None  # set in __post_init__
+        return self.policy
 
 
 @dataclass(frozen=True)
@@ -124,7 +160,12 @@ def simulated_clients(cfg: Config, dataset: Dataset, split: Split) -> dict[str, 
         dataset, scheme=f.partition, num_clients=f.clients, seed=cfg.train.seed, alpha=f.alpha,
         attribute=f.attribute, mapping_file=Path(f.mapping_file) if f.mapping_file else None,
     )
-    return client_datasets(split, assignment)
+    clients = client_datasets(split, assignment)
+    if f.partition in ("iid", "dirichlet") and len(clients) < f.clients:
+        raise ConfigError(
+            f"fed.clients={f.clients} but only {len(clients)} clients get any of the {len(split.train)} "
+            f"users (data.max_users={cfg.data.max_users}); lower fed.clients or raise data.max_users")
+    return clients
 
 
 # --- the client ------------------------------------------------------------------------------
@@ -136,12 +177,12 @@ class ClientJob:
     def __init__(self, cfg: Config, local: LocalSettings, dataset: Dataset, split: Split,
                  loaded: Loaded | None = None) -> None:
         self.cfg, self.local, self.dataset, self.split = cfg, local, dataset, split
+        self.policy = local.the_policy
         self.users = sorted(u for u, seq in split.train.items() if len(seq) >= 1)
         n = max(1, len(self.users))
-        self.delta = local.delta if local.delta is not None else default_delta(n)
+        self.delta = self.policy.delta if self.policy.delta is not None else default_delta(n)
         check_delta(self.delta, n)
-        # q is public (the run's setting), never derived from the private number of users
-        self.sample_rate = cfg.train.sample_rate
+        self.sample_rate = cfg.train.sample_rate  # public: never batch_size / N
         self._loaded = loaded  # may be shared by the simulated clients of one process
         self._catalogue: Catalogue | None = None
 
@@ -166,7 +207,7 @@ class ClientJob:
 
     def state(self) -> ClientState:
         """Re-read from disk on every request: the file, not memory, is the record."""
-        return ClientState(self.local.state_dir, accountant=self.cfg.privacy.accountant)
+        return ClientState(self.local.state_dir, accountant=self.policy.accountant)
 
     def _load_global(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Validate and load the received adapter: all LoRA tensors, or only B under FFA-LoRA."""
@@ -176,66 +217,127 @@ class ClientJob:
             load_adapter(model, self.loaded.initial_adapter, source="initial adapter")
         load_adapter(model, tensors, variant=variant, source="server")
 
+    def _random(self, rnd: int, purpose: str) -> MechanismRandom:
+        """Fresh OS entropy, unless this client's own policy says deterministic (tests only)."""
+        return mechanism_random(deterministic=self.policy.deterministic, seed=self.cfg.train.seed,
+                                purpose=(self.local.name, rnd, purpose))
+
     # -- plan --
 
     def steps_per_round(self, local_epochs: float) -> int:
         return steps_for_epochs(local_epochs, self.sample_rate)
 
     def prior_plan(self) -> ReleasePlan:
-        """σ of this client's popularity and co-occurrence releases: their share of its own budget."""
+        """σ of the popularity and co-occurrence releases: their policy share of this client's budget."""
         p = self.cfg.prior
-        return plan_releases(epsilon=self.local.epsilon_budget, delta=self.delta, share=p.budget_share,
-                             popularity_share=p.popularity_share, cooccurrence=p.cooccurrence,
-                             accountant=self.cfg.privacy.accountant, fixed_sigma=p.noise_multiplier)
+        return plan_releases(epsilon=self.policy.epsilon_budget, delta=self.delta,
+                             share=self.policy.prior_budget_share, popularity_share=p.popularity_share,
+                             cooccurrence=p.cooccurrence, accountant=self.policy.accountant,
+                             fixed_sigma=p.noise_multiplier)
 
-    def _planned_prior(self, state: ClientState) -> list[MechanismStep]:
-        """The prior releases this client has not made yet."""
-        if not self.cfg.prior.enabled:
-            return []
-        done = {e["mechanism"] for e in state.ledger}
-        names = (MECHANISM_POPULARITY, MECHANISM_COOCCURRENCE)
-        return [s for s, m in zip(self.prior_plan().steps, names, strict=False) if m not in done]
+    def _planned(self, state: ClientState, req: RoundRequest) -> list[MechanismStep]:
+        """The releases still to come besides DP-SGD: the prior (if not yet made) and one
+        evaluation per remaining round plus the test (the most the server may ask for)."""
+        out = []
+        if self.cfg.prior.enabled and self.policy.allow_prior:
+            done = {e["mechanism"] for e in state.ledger}
+            names = (MECHANISM_POPULARITY, MECHANISM_COOCCURRENCE)
+            out += [s for s, m in zip(self.prior_plan().steps, names, strict=False) if m not in done]
+        if self.policy.evaluation == "dp":
+            remaining = max(1, req.num_rounds - req.round + 1) + TEST_EVALUATIONS
+            out.append(MechanismStep(self.eval_sigma(state, req.num_rounds), 1.0, remaining))
+        return out
+
+    def eval_sigma(self, state: ClientState, num_rounds: int) -> float:
+        """σ of an evaluation release: the policy's, or the one pinned at the first release, or
+        calibrated so that num_rounds validations and the test cost eval_budget_share · ε.
+
+        Below ε ≈ 0.2 at δ = 1e-5 the RDP conversion cannot certify any σ, so the target doubles
+        until one is found (at most the whole budget); past that, MAX_EVAL_SIGMA (the metrics are
+        then noise, and cost next to nothing in the composition)."""
+        fixed = self.policy.eval_noise_multiplier or state.eval_noise_multiplier
+        if fixed is not None:
+            return fixed
+        target = self.policy.eval_budget_share * self.policy.epsilon_budget
+        while True:
+            try:
+                return calibrate_noise(target_epsilon=target, delta=self.delta, sample_rate=1.0,
+                                       steps=max(1, num_rounds) + TEST_EVALUATIONS,
+                                       accountant=self.policy.accountant)
+            except PrivacyError:
+                if target >= self.policy.epsilon_budget:
+                    return MAX_EVAL_SIGMA
+                target = min(self.policy.epsilon_budget, 2 * target)
+
+    def _pin_eval_sigma(self, state: ClientState, req: RoundRequest) -> None:
+        if self.policy.evaluation == "dp" and state.eval_noise_multiplier is None:
+            state.eval_noise_multiplier = self.eval_sigma(state, req.num_rounds)
 
     def noise_multiplier(self, state: ClientState, req: RoundRequest) -> float:
-        """σ of DP-SGD: fixed in the config, or calibrated once so the announced plan (prior
-        release + num_rounds rounds) spends exactly this client's budget; then kept."""
+        """σ of DP-SGD: fixed in the config, or calibrated once so the announced plan (prior,
+        evaluations, num_rounds rounds) spends exactly this client's budget; then kept. Never
+        below the policy's floor."""
         if state.noise_multiplier is not None:
             return state.noise_multiplier
         if self.cfg.privacy.noise_multiplier is not None:
-            return self.cfg.privacy.noise_multiplier
-        prior = list(state.accountant.history) + self._planned_prior(state)
+            return max(self.cfg.privacy.noise_multiplier, self.policy.min_noise_multiplier)
         remaining_rounds = req.num_rounds - req.round + 1
-        return calibrate_noise(
-            target_epsilon=self.local.epsilon_budget, delta=self.delta, sample_rate=self.sample_rate,
-            steps=self.steps_per_round(req.local_epochs) * max(1, remaining_rounds), prior=prior,
-            accountant=self.cfg.privacy.accountant,
+        sigma = calibrate_noise(
+            target_epsilon=self.policy.epsilon_budget, delta=self.delta, sample_rate=self.sample_rate,
+            steps=self.steps_per_round(req.local_epochs) * max(1, remaining_rounds),
+            prior=[*state.accountant.history, *self._planned(state, req)],
+            accountant=self.policy.accountant,
         )
+        return max(sigma, self.policy.min_noise_multiplier)
 
     def _refusal(self, state: ClientState, planned: list[MechanismStep], what: str) -> Outcome | None:
         after = epsilon([*state.accountant.history, *planned], delta=self.delta,
-                        accountant=self.cfg.privacy.accountant)
-        if after <= self.local.epsilon_budget * (1 + 1e-9):
+                        accountant=self.policy.accountant)
+        if after <= self.policy.epsilon_budget * (1 + 1e-9):
             return None
         spent = state.accountant.epsilon(self.delta) if state.accountant.history else 0.0
         reason = (f"{self.local.name}: {what} would raise ε from {spent:.3f} to {after:.3f}, over this "
-                  f"client's budget {self.local.epsilon_budget:g} (δ={self.delta:.1e}); refused")
+                  f"client's budget {self.policy.epsilon_budget:g} (δ={self.delta:.1e}); refused")
         log.warning(reason)
         return Outcome(STATUS_OVER_BUDGET, self._base_metrics(state) | {"epsilon_refused": after},
                        reason=reason)
 
+    def _refuse(self, state: ClientState, status: str, reason: str) -> Outcome:
+        log.warning("%s", reason)
+        return Outcome(status, self._base_metrics(state), reason=reason)
+
+    def _pinned_conflict(self, state: ClientState) -> str | None:
+        """A state directory answers under the one policy it was first released under."""
+        pinned = state.policy_sha256
+        if pinned is None or pinned == self.policy.digest():
+            return None
+        return (f"{POLICY_CONFLICT}: the policy of {self.local.name} changed since its first release "
+                f"(pinned {pinned[:12]}…, now {self.policy.digest()[:12]}…; e.g. a changed budget, δ or "
+                "clip norm); a new policy needs a new state directory")
+
     def _base_metrics(self, state: ClientState) -> dict[str, float]:
         eps = state.accountant.epsilon(self.delta) if state.accountant.history else 0.0
-        return {"epsilon": eps, "delta": self.delta, "budget": self.local.epsilon_budget}
+        return {"epsilon": eps, "delta": self.delta, "budget": self.policy.epsilon_budget}
 
     def _ledger_entry(self, state: ClientState, rnd: int, mechanism: str, step: MechanismStep,
-                      clip: float) -> dict[str, Any]:
+                      clip: float, rng: MechanismRandom) -> dict[str, Any]:
+        """One release's line. No user count: q and steps are public (see the module docstring)."""
         return {
             "round": rnd, "mechanism": mechanism, "noise_multiplier": step.noise_multiplier,
             "sample_rate": step.sample_rate, "steps": step.steps, "clip_norm": clip,
             "delta": self.delta, "epsilon": state.accountant.epsilon(self.delta),
-            "accountant": self.cfg.privacy.accountant, "users": len(self.users),
-            "budget": self.local.epsilon_budget,
+            "accountant": self.policy.accountant, "budget": self.policy.epsilon_budget,
+            "dp": mechanism != MECHANISM_NON_PRIVATE, "rng": rng.label,
+            "policy_sha256": self.policy.digest(),
         }
+
+    def _commit(self, state: ClientState, req: RoundRequest, kind: str, entry: dict[str, Any],
+                metrics: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+        state.pin_policy(self.policy.to_dict(), self.policy.digest())
+        if req.num_rounds > 0:  # a prior or training request announces the plan
+            self._pin_eval_sigma(state, req)
+        return state.commit(run_id=req.run_id, kind=kind, rnd=req.round, ledger_entry=entry,
+                            metrics=metrics, tensors=tensors)
 
     def _replay(self, state: ClientState, req: RoundRequest, kind: str) -> Outcome | None:
         stored = state.answered_reply(req.run_id, kind, req.round)
@@ -250,139 +352,266 @@ class ClientJob:
 
     def prior_counts(self, req: RoundRequest) -> Outcome:
         """This client's item counts, per-user clipped, under the Gaussian mechanism."""
+        with state_lock(self.local.state_dir):
+            return self._prior_counts(req)
+
+    def _prior_counts(self, req: RoundRequest) -> Outcome:
         state = self.state()
         if (replayed := self._replay(state, req, "prior")) is not None:
             return replayed
-        p = self.cfg.prior
-        sigma = self.prior_plan().popularity_sigma
+        conflict = self._pinned_conflict(state) or check_prior(self.policy, self.cfg, client=self.local.name)
+        if conflict:
+            return self._refuse(state, STATUS_POLICY, conflict)
+        clip = self.policy.prior_clip_norm
+        try:
+            sigma = self.prior_plan().popularity_sigma
+        except PrivacyError as exc:
+            return self._refuse(state, STATUS_OVER_BUDGET, f"{self.local.name}: {exc}")
         step = MechanismStep(sigma, 1.0, 1)
         if (refused := self._refusal(state, [step], "the popularity release")) is not None:
             return refused
-        counts = noisy_popularity(self._contributions(), num_items=len(self.dataset.item_ids),
-                                  clip=p.clip_norm, noise_multiplier=sigma,
-                                  rng=np.random.default_rng(entropy_seed()))
+        rng = self._random(req.round, "prior")
+        counts = noisy_popularity(self._contributions(), num_items=len(self.dataset.item_ids), clip=clip,
+                                  noise_multiplier=sigma, rng=rng)
         tensors = {"counts": torch.from_numpy(counts.astype(np.float32))}
-        return self._release(state, req, "prior", MECHANISM_POPULARITY, step, p.clip_norm, tensors)
+        return self._release(state, req, "prior", MECHANISM_POPULARITY, step, clip, rng, tensors)
 
     def cooccurrence(self, req: RoundRequest, head: np.ndarray) -> Outcome:
         """This client's co-occurrence over the server's head items, per-user bounded, noised.
 
         Any head keeps the bound (each user's outer product has Frobenius norm ≤ clip), so the
         server's choice needs no trust; it is only checked to be valid item indices."""
+        with state_lock(self.local.state_dir):
+            return self._cooccurrence(req, head)
+
+    def _cooccurrence(self, req: RoundRequest, head: np.ndarray) -> Outcome:
         state = self.state()
         if (replayed := self._replay(state, req, "cooccurrence")) is not None:
             return replayed
-        p = self.cfg.prior
-        num_items = len(self.dataset.item_ids)
+        conflict = self._pinned_conflict(state) or check_prior(self.policy, self.cfg, client=self.local.name)
+        if conflict:
+            return self._refuse(state, STATUS_POLICY, conflict)
+        num_items, limit = len(self.dataset.item_ids), 4 * self.cfg.prior.head_size
         head = np.asarray(head, dtype=np.int64)
-        if head.ndim != 1 or not 0 < head.size <= min(num_items, 4 * p.head_size) or head.min() < 0 \
+        if head.ndim != 1 or not 0 < head.size <= min(num_items, limit) or head.min() < 0 \
                 or head.max() >= num_items or np.any(np.diff(head) <= 0):
-            return Outcome(STATUS_BAD_REQUEST, self._base_metrics(state),
-                           reason=f"{self.local.name}: the head must be 1..{4 * p.head_size} sorted "
-                                  "item indices")
-        sigma = self.prior_plan().cooccurrence_sigma
+            return self._refuse(state, STATUS_BAD_REQUEST,
+                                f"{self.local.name}: the head must be 1..{limit} sorted item indices")
+        clip = self.policy.prior_clip_norm
+        try:
+            sigma = self.prior_plan().cooccurrence_sigma
+        except PrivacyError as exc:
+            return self._refuse(state, STATUS_OVER_BUDGET, f"{self.local.name}: {exc}")
         if sigma is None:
-            return Outcome(STATUS_BAD_REQUEST, self._base_metrics(state),
-                           reason=f"{self.local.name}: co-occurrence releases are off here "
-                                  "(prior.cooccurrence)")
+            return self._refuse(state, STATUS_BAD_REQUEST,
+                                f"{self.local.name}: co-occurrence releases are off (prior.cooccurrence)")
         step = MechanismStep(sigma, 1.0, 1)
         if (refused := self._refusal(state, [step], "the co-occurrence release")) is not None:
             return refused
-        matrix = noisy_cooccurrence(self._contributions(), head=head, clip=p.clip_norm,
-                                    noise_multiplier=sigma,
-                                    rng=np.random.default_rng(entropy_seed()))
+        rng = self._random(req.round, "cooccurrence")
+        matrix = noisy_cooccurrence(self._contributions(), head=head, clip=clip, noise_multiplier=sigma,
+                                    rng=rng)
         tensors = {"cooccurrence": torch.from_numpy(matrix.astype(np.float32))}
-        return self._release(state, req, "cooccurrence", MECHANISM_COOCCURRENCE, step, p.clip_norm, tensors)
+        return self._release(state, req, "cooccurrence", MECHANISM_COOCCURRENCE, step, clip, rng, tensors)
 
     def _contributions(self) -> list[np.ndarray]:
         return user_items([self.split.train[u] for u in self.users], num_items=len(self.dataset.item_ids))
 
     def _release(self, state: ClientState, req: RoundRequest, kind: str, mechanism: str, step: MechanismStep,
-                 clip: float, tensors: dict[str, torch.Tensor]) -> Outcome:
+                 clip: float, rng: MechanismRandom, tensors: dict[str, torch.Tensor]) -> Outcome:
         state.accountant.step(noise_multiplier=step.noise_multiplier, sample_rate=1.0, steps=1)
-        entry = self._ledger_entry(state, req.round, mechanism, step, clip)
+        entry = self._ledger_entry(state, req.round, mechanism, step, clip, rng)
         metrics = self._base_metrics(state) | _ledger_metrics(entry)
-        chained = state.commit(run_id=req.run_id, kind=kind, rnd=req.round, ledger_entry=entry,
-                               metrics=metrics, tensors=tensors)
+        chained = self._commit(state, req, kind, entry, metrics, tensors)
         return Outcome(STATUS_OK, metrics, tensors, ledger=chained)
 
     def train(self, global_tensors: Mapping[str, torch.Tensor], req: RoundRequest,
               prior: CollaborativePrior | None = None) -> Outcome:
-        """One round of local (DP-)training from the global adapter; replies with only LoRA tensors."""
+        """One round of local (DP-)training from the global adapter; replies with only LoRA tensors.
+
+        Check → train → commit run under the state directory's exclusive lock: a second message
+        for the same round waits, then re-sends the stored reply."""
+        with state_lock(self.local.state_dir):
+            return self._train(global_tensors, req, prior)
+
+    def _train(self, global_tensors: Mapping[str, torch.Tensor], req: RoundRequest,
+               prior: CollaborativePrior | None) -> Outcome:
         state = self.state()
         if (replayed := self._replay(state, req, "train")) is not None:
             return replayed
         if not self.users:
             return Outcome(STATUS_NO_DATA, self._base_metrics(state), reason=f"{self.local.name}: no users")
         steps = self.steps_per_round(req.local_epochs)
+        conflict = self._pinned_conflict(state) or check_request(
+            self.policy, self.cfg, client=self.local.name, local_epochs=req.local_epochs, steps=steps,
+            sample_rate=self.sample_rate)
+        if conflict:
+            return self._refuse(state, STATUS_POLICY, conflict)
         dp: DPSettings | None = None
         if self.cfg.fed.dp:
-            sigma = self.noise_multiplier(state, req)
+            try:
+                sigma = self.noise_multiplier(state, req)
+            except PrivacyError as exc:  # the earlier and planned releases leave nothing for DP-SGD
+                return self._refuse(state, STATUS_OVER_BUDGET, f"{self.local.name}: {exc}")
             step = MechanismStep(sigma, self.sample_rate, steps)
             if (refused := self._refusal(state, [step], f"round {req.round}")) is not None:
                 return refused
             state.noise_multiplier = sigma
-            dp = DPSettings(sigma, self.cfg.privacy.clip_norm, self.sample_rate,
-                            normaliser=self.cfg.train.batch_size, secure_rng=self.cfg.privacy.secure_rng)
+            dp = DPSettings(sigma, self.policy.clip_norm, self.sample_rate,
+                            normaliser=self.cfg.train.batch_size,
+                            secure_rng=self.cfg.privacy.secure_rng)
         self._load_global(global_tensors)
+        rng = self._random(req.round, "train")
         trainer = LocalTrainer(
             self.loaded.encoder, self.catalogue, {u: self.split.train[u] for u in self.users},
             lr=self.cfg.train.dp_lr if dp else req.lr, batch_size=self.cfg.train.batch_size,
             objective=objective(self.cfg), residual=residual_cf(prior, self.cfg), dp=dp,
             accountant=state.accountant if dp else None, proximal_mu=req.proximal_mu,
-            popularity=prior.popularity if prior is not None else None,
+            seed=self.cfg.train.seed,
+            rng=rng, popularity=prior.popularity if prior is not None else None,
         )
-        result = trainer.run(steps, desc=f"{self.local.name} round {req.round}", progress=False)
+        trainer.run(steps, desc=f"{self.local.name} round {req.round}", progress=False)  # loss stays here
         tensors = adapter_state(self.loaded.model, variant=self.cfg.lora.variant)
-        metrics = self._base_metrics(state) | {
-            "num-examples": float(len(self.users)), "uniform": 1.0, "steps": float(steps),
-            # the training loss is a function of private data: only non-private runs report it
-            "loss": result.mean_loss if dp is None and math.isfinite(result.mean_loss) else 0.0,
-        }
-        entry = None
+        entry = self._train_entry(state, req.round, dp, steps, rng)
+        metrics = self._base_metrics(state) | train_scalars(steps) | _ledger_metrics(entry)
+        chained = self._commit(state, req, "train", entry, metrics, tensors)
+        return Outcome(STATUS_OK, metrics, tensors, ledger=chained)
+
+    def _train_entry(self, state: ClientState, rnd: int, dp: DPSettings | None, steps: int,
+                     rng: MechanismRandom) -> dict[str, Any]:
+        """The DP-SGD line (the step hook already recorded it in the accountant), or, where the
+        policy allows non-private training, a line that says so: σ = 0, ε = ∞ from then on."""
         if dp is not None:
             released = MechanismStep(dp.noise_multiplier, dp.sample_rate, steps)
-            entry = self._ledger_entry(state, req.round, "dp-sgd", released, dp.clip_norm)
-            metrics |= _ledger_metrics(entry)
-        chained = state.commit(run_id=req.run_id, kind="train", rnd=req.round, ledger_entry=entry,
-                               metrics=metrics, tensors=tensors)
-        return Outcome(STATUS_OK, metrics, tensors, ledger=chained)
+            return self._ledger_entry(state, rnd, "dp-sgd", released, dp.clip_norm, rng)
+        state.accountant.step(noise_multiplier=0.0, sample_rate=1.0, steps=steps)
+        log.warning("%s: round %d trained WITHOUT differential privacy (allow-non-private = true)",
+                    self.local.name, rnd)
+        return self._ledger_entry(state, rnd, MECHANISM_NON_PRIVATE, MechanismStep(0.0, 1.0, steps),
+                                  0.0, rng)
 
     def evaluate(
         self, global_tensors: Mapping[str, torch.Tensor], *, which: str,
-        prior: CollaborativePrior | None, weights: Sequence[float],
+        prior: CollaborativePrior | None, weights: Sequence[float], ks: Sequence[int] | None = None,
+        run_id: str | None = None, rnd: int = -1,
     ) -> Outcome:
-        """HR/NDCG/MRR of this client's valid or test users, one value per blend weight w."""
+        """HR/NDCG/MRR of this client's valid or test users, one value per blend weight w, released
+        only as noisy sums charged to the budget (or refused where the policy says evaluation off).
+
+        Only the policy's cut-offs and β grid are evaluated; `ks` and `betas` in the request that
+        ask for anything else are refused. A request with a run id and round is answered once and
+        re-sent from the stored reply."""
+        with state_lock(self.local.state_dir):
+            return self._evaluate(global_tensors, which=which, prior=prior, betas=tuple(weights),
+                                  ks=None if ks is None else tuple(ks), run_id=run_id, rnd=rnd)
+
+    def _evaluate(
+        self, global_tensors: Mapping[str, torch.Tensor], *, which: str, prior: CollaborativePrior | None,
+        betas: tuple[float, ...], ks: tuple[int, ...] | None, run_id: str | None, rnd: int,
+    ) -> Outcome:
         state = self.state()
+        req = RoundRequest(run_id or "-", rnd, 0, 0.0, 0.0)
+        kind = f"eval-{which}" if prior is not None else f"eval-{which}-llm"
+        if run_id is not None and (replayed := self._replay(state, req, kind)) is not None:
+            return replayed
+        weights = betas if prior is not None and betas else (0.0,)
+        conflict = self._pinned_conflict(state) or check_evaluation(
+            self.policy, client=self.local.name, ks=ks, betas=weights)
+        if conflict:
+            return self._refuse(state, STATUS_POLICY, conflict)
+        if which not in ("valid", "test"):
+            return self._refuse(state, STATUS_BAD_REQUEST, f"{self.local.name}: split {which!r} is not "
+                                "valid or test")
+        if prior is not None and (bad := self._bad_prior(state, prior, run_id)) is not None:
+            return self._refuse(state, STATUS_BAD_REQUEST, bad)
         who = eval_users(self.split, which=which, users=self.users)
-        metrics: dict[str, Any] = {"num-examples": float(len(who.user_ids))}
         if not who.user_ids:
-            return Outcome(STATUS_NO_DATA, metrics | self._base_metrics(state), reason="no evaluation users")
+            return Outcome(STATUS_NO_DATA, self._base_metrics(state), reason="no evaluation users")
+        sigma = self.policy.eval_noise_multiplier or state.eval_noise_multiplier
+        if sigma is None:  # σ follows the announced plan: an evaluation before any release has none
+            return self._refuse(state, STATUS_POLICY, f"{POLICY_CONFLICT}: an evaluation before any "
+                                f"prior or training release (no plan to size its noise) not allowed at "
+                                f"{self.local.name}")
+        step = MechanismStep(sigma, 1.0, 1)
+        if (refused := self._refusal(state, [step], f"the {which} evaluation")) is not None:
+            return refused
         self._load_global(global_tensors)
         vectors = catalogue_vectors(self.loaded.encoder, self.catalogue)
         llm = llm_scores(vectors, who.histories, window=self.cfg.data.max_history)
-        cf = cf_scores(prior, who.histories, len(self.dataset.item_ids),
-                       CFSettings(beta=self.cfg.prior.beta, shrink=self.cfg.prior.shrink))
-        grid = list(weights) if prior is not None and weights else [1.0]
-        per_weight = evaluate_blends(cf, llm, who, weights=grid, ks=self.cfg.eval.ks)
-        for key in per_weight[0]:
-            metrics[key] = [m[key] for m in per_weight]
-        return Outcome(STATUS_OK, metrics)
+        if prior is None:  # the LLM alone (one value, listed under w = 0)
+            per_beta = evaluate_blends(np.zeros_like(llm), llm, who, weights=[1.0], ks=self.policy.eval_ks)
+        else:
+            cf = cf_scores(prior, who.histories, len(self.dataset.item_ids),
+                           CFSettings(beta=self.cfg.prior.beta, shrink=self.cfg.prior.shrink))
+            per_beta = evaluate_blends(cf, llm, who, weights=weights, ks=self.policy.eval_ks)
+        rng = self._random(rnd, kind)
+        metrics = noisy_metrics(per_beta, users=len(who.user_ids), sigma=step.noise_multiplier, rng=rng)
+        state.accountant.step(noise_multiplier=step.noise_multiplier, sample_rate=1.0, steps=1)
+        entry = self._ledger_entry(state, rnd, MECHANISM_EVAL, step, 1.0, rng) | {
+            "split": which, "prior_sha256": _prior_digest(prior)}
+        metrics |= self._base_metrics(state)
+        chained = self._commit(state, req, kind, entry, metrics, {})
+        return Outcome(STATUS_OK, metrics, ledger=chained)
+
+    def _bad_prior(self, state: ClientState, prior: CollaborativePrior, run_id: str | None) -> str | None:
+        """A received prior (already shape- and finiteness-checked): the catalogue's size, bounded,
+        and within one run the same every time (its digest is in the first evaluation's line)."""
+        name, n = self.local.name, len(self.dataset.item_ids)
+        if prior.num_items != n:
+            return f"{name}: a prior over {prior.num_items} items, the catalogue has {n}"
+        co = prior.cooccurrence if prior.cooccurrence is not None else np.zeros(0)
+        if max(np.abs(prior.popularity).max(initial=0.0), np.abs(co).max(initial=0.0)) > MAX_PRIOR_COUNT:
+            return f"{name}: prior statistics beyond ±{MAX_PRIOR_COUNT:g}; refused"
+        digest = _prior_digest(prior)
+        used = {e.get("prior_sha256") for e in state.ledger
+                if e.get("mechanism") == MECHANISM_EVAL and e.get("run_id") == run_id and run_id}
+        used.discard(_prior_digest(None))
+        if used and digest not in used:
+            return f"{name}: the prior differs from the one its earlier evaluations of this run used"
+        return None
 
     def expected_keys(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return adapter_spec(self.loaded.model, variant=self.cfg.lora.variant)
 
 
+MECHANISM_NON_PRIVATE = "non-private"
+MECHANISM_EVAL = "dp-eval"
+
+
+def train_scalars(steps: int) -> dict[str, float]:
+    """What a training reply says besides ε: uniform weight 1 (not the private user count), the
+    public number of steps; no loss, no batch totals."""
+    return {"num-examples": 1.0, "uniform": 1.0, "steps": float(steps)}
+
+
+def noisy_metrics(per_beta: Sequence[Mapping[str, float]], *, users: int, sigma: float,
+                  rng: MechanismRandom) -> dict[str, Any]:
+    """The Gaussian mechanism over the vector [users, Σ metric over users for every (β, metric)].
+
+    Each user adds 1 to the count and a value in [0, 1] to every sum, so adding or removing one
+    user moves the vector by at most √d in L2 (d its length); the noise is N(0, (σ√d)²) per entry.
+    Released: the noisy count (≥ 1, post-processing) as `num-examples` and each metric as noisy
+    sum / noisy count, clipped to [0, 1] — the server's user-weighted mean then recovers the sum
+    of noisy sums over the sum of noisy counts."""
+    keys = sorted(per_beta[0])
+    sums = np.array([[m[k] * users for k in keys] for m in per_beta], dtype=np.float64)  # (B, K)
+    d = 1 + sums.size
+    scale = sigma * math.sqrt(d)
+    count = max(1.0, users + float(rng.normal(0.0, scale, 1)[0]))
+    noisy = sums + rng.normal(0.0, scale, sums.shape)
+    means = np.clip(noisy / count, 0.0, 1.0)
+    out: dict[str, Any] = {"num-examples": count}
+    for j, key in enumerate(keys):
+        out[key] = [float(v) for v in means[:, j]]
+    return out
+
+
+def _prior_digest(prior: CollaborativePrior | None) -> str:
+    if prior is None:
+        return tensors_digest({})
+    return tensors_digest({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in prior.tensors().items()})
+
+
 def _ledger_metrics(entry: Mapping[str, Any]) -> dict[str, float]:
     keys = ("noise_multiplier", "sample_rate", "steps", "clip_norm", "delta", "epsilon")
     return {f"ledger.{k}": float(entry[k]) for k in keys}
-
-
-def require_budget(value: Any, where: str) -> float:
-    try:
-        eps = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: epsilon budget {value!r} is not a number") from None
-    if not eps > 0:
-        raise PrivacyError(f"{where}: epsilon budget must be > 0, got {eps}")
-    return eps

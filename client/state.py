@@ -1,10 +1,15 @@
 """A client's durable privacy state: accountant, ledger and the replies it already released.
 
 Everything lives in the client's own state directory and is committed atomically (write a
-temporary file, fsync, rename) *before* a reply leaves the client, so a crash at any point
-either loses an unreleased computation (no privacy spent) or keeps the whole record:
+temporary file, fsync it, rename, fsync the directory) *before* a reply leaves the client, so a
+crash at any point either loses an unreleased computation (no privacy spent) or keeps the whole
+record. state.json is the commit point: it holds the whole ledger, and ledger.jsonl is rewritten
+from it (and repaired from it on start, if a crash fell between the two writes). An exclusive
+lock (`state_lock`, flock on <state_dir>/.lock) spans check → train → commit, so two messages for
+one round cannot both release:
 
-    <state_dir>/state.json          accountant history, ledger, σ, the rounds already answered
+    <state_dir>/state.json          accountant history, ledger, σ, the rounds already answered,
+                                    the policy pinned at the first release (and its sha256)
     <state_dir>/ledger.jsonl        the same ledger, one line per release, for people and audits
                                     (a hash chain: common/chain.py; each line also carries the
                                     sha256 of the tensors it released, and is signed with
@@ -19,10 +24,13 @@ release once.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +41,40 @@ from fedrec.common.lora import tensors_digest
 from fedrec.common.privacy import PrivacyAccountant
 from safetensors.torch import load_file, save_file
 
+log = logging.getLogger(__name__)
+
 STATE_VERSION = 1
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def state_lock(root: Path) -> Iterator[None]:
+    """Hold the state directory's exclusive lock (blocking) for the duration of the block.
+
+    flock(2) locks an open file description, so two threads of one process, or two processes,
+    exclude each other; the kernel releases it if the holder dies."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK_FILE, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (the directory entry itself)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -46,6 +87,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -64,9 +106,41 @@ class ClientState:
         self.ledger: list[dict[str, Any]] = []
         self.answered: dict[str, dict[str, Any]] = {}  # "<run>/<kind>/<round>" -> reply record
         self.noise_multiplier: float | None = None  # σ fixed at the first round, then kept
+        self.eval_noise_multiplier: float | None = None  # σ of evaluations, fixed at the first release
+        self.policy: dict[str, Any] | None = None  # the policy pinned at the first release
+        self.policy_sha256: str | None = None
         path = self.root / "state.json"
         if path.exists():
             self._load(path, accountant)
+            self._repair_ledger_file()
+
+    def pin_policy(self, policy: Mapping[str, Any], digest: str) -> None:
+        """Pin the policy at the first release; the caller refuses releases under another one."""
+        if self.policy_sha256 is None:
+            self.policy, self.policy_sha256 = dict(policy), digest
+        elif self.policy_sha256 != digest:
+            raise PrivacyError(f"{self.root}: the pinned policy {self.policy_sha256[:12]}… differs from "
+                               f"{digest[:12]}…; refusing to release under another policy")
+
+    def _ledger_text(self) -> bytes:
+        return "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.ledger).encode()
+
+    def _repair_ledger_file(self) -> None:
+        """ledger.jsonl is derived from state.json (the commit point): a crash between the two
+        writes leaves it one line short, which is repaired here. A ledger.jsonl that holds lines
+        state.json does not is a different record and stops the client."""
+        path = self.root / "ledger.jsonl"
+        expected = self._ledger_text()
+        current = path.read_bytes() if path.exists() else b""
+        if current == expected:
+            return
+        if not expected.startswith(current):
+            raise PrivacyError(
+                f"{path} is not a prefix of the ledger in {self.root / 'state.json'}: one of them was "
+                "edited; restore both from a backup before this client releases anything")
+        log.warning("%s was %d line(s) short of state.json (a crash between the two writes); repaired",
+                    path, expected.count(b"\n") - current.count(b"\n"))
+        atomic_write_bytes(path, expected)
 
     def _load(self, path: Path, accountant: str) -> None:
         try:
@@ -80,6 +154,9 @@ class ClientState:
             self.ledger = list(state["ledger"])
             self.answered = dict(state["answered"])
             self.noise_multiplier = state.get("noise_multiplier")
+            self.eval_noise_multiplier = state.get("eval_noise_multiplier")
+            self.policy = state.get("policy")
+            self.policy_sha256 = state.get("policy_sha256")
         except (ValueError, KeyError, TypeError) as exc:
             raise PrivacyError(
                 f"client privacy state {path} is unreadable ({exc}); it is the record of spent "
@@ -125,7 +202,9 @@ class ClientState:
             (self.root / "replies").mkdir(parents=True, exist_ok=True)
             tmp = self.root / "replies" / f".{name}.tmp"
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+            fsync_file(tmp)
             os.replace(tmp, self.root / "replies" / name)
+            fsync_dir(self.root / "replies")
         entry = None
         if ledger_entry is not None:
             entry = chain.link({**ledger_entry, "run_id": run_id, "adapter_sha256": tensors_digest(tensors)},
@@ -135,8 +214,9 @@ class ClientState:
         state = {
             "version": STATE_VERSION, "accountant": self.accountant.state_dict(),
             "ledger": self.ledger, "answered": self.answered, "noise_multiplier": self.noise_multiplier,
+            "policy": self.policy, "policy_sha256": self.policy_sha256,
+            "eval_noise_multiplier": self.eval_noise_multiplier,
         }
-        atomic_write_json(self.root / "state.json", state)
-        lines = "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.ledger)
-        atomic_write_bytes(self.root / "ledger.jsonl", lines.encode())
+        atomic_write_json(self.root / "state.json", state)  # the commit point
+        atomic_write_bytes(self.root / "ledger.jsonl", self._ledger_text())
         return entry

@@ -11,13 +11,16 @@ loss — item side included — is that user's whole contribution.
 Under DP, per-user gradients are computed in one vectorised pass (torch.func.vmap over users of
 torch.func.grad), clipped and noised by Opacus' DPOptimizer, whose step hook records (σ, q) in
 the accountant. Sampling is Poisson with a public rate q (1.0 by default: few, full-batch steps).
+
+Randomness: the Poisson masks and the noise come from a `MechanismRandom` (common/randomness.py),
+the OS CSPRNG unless the caller passes a seeded one (tests, benchmarks); Opacus' own noise path
+would use torch's Mersenne Twister, so `SecretNoiseDPOptimizer` replaces only its `add_noise`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,8 +30,10 @@ import torch.nn.functional as F
 from fedrec.common.config import Config
 from fedrec.common.prior import CollaborativePrior
 from fedrec.common.privacy import PrivacyAccountant
+from fedrec.common.randomness import MechanismRandom
 from fedrec.common.recommender import Catalogue, ItemEncoder
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -262,9 +267,27 @@ def proposal(popularity: np.ndarray | None, num_items: int, *, floor: float = 0.
     return (weights / weights.sum()).double()
 
 
-def entropy_seed() -> int:
-    """A seed from the OS's entropy source (what every private run uses)."""
-    return secrets.randbits(63)
+class SecretNoiseDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer (clip, sum, scale, step hooks) with the noise drawn from a MechanismRandom.
+
+    With `secure_mode` the draw is Opacus' secure construction (four Gaussians summed, halved),
+    from this source instead of torch's generator.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise: MechanismRandom, **kwargs: object) -> None:
+        super().__init__(optimizer, **kwargs)  # type: ignore[arg-type]
+        self.noise_source = noise
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            ref = p.summed_grad
+            draw = self.noise_source.normal(0.0, std, tuple(ref.shape), secure=self.secure_mode) \
+                if std > 0 else np.zeros(tuple(ref.shape))
+            noise = torch.from_numpy(np.asarray(draw)).to(device=ref.device, dtype=ref.dtype)
+            p.grad = (ref + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 class LocalTrainer:
@@ -283,7 +306,8 @@ class LocalTrainer:
         dp: DPSettings | None = None,
         accountant: PrivacyAccountant | None = None,
         proximal_mu: float = 0.0,
-        seed: int | None = None,
+        seed: int = 0,
+        rng: MechanismRandom | None = None,
         optimizer: str = "adam",
         popularity: np.ndarray | None = None,
         blocked_items: Sequence[int] = (),
@@ -292,8 +316,10 @@ class LocalTrainer:
         self.users = sorted(u for u, s in sequences.items() if len(s) >= 2)
         self.seqs = pack([sequences[u] for u in self.users], max_len=objective.max_len)
         self.batch_size = batch_size
-        # seed None (every private run): sampling and noise from OS entropy, unpredictable to anyone
-        self.rng = np.random.default_rng(seed if seed is not None else entropy_seed())
+        # masks and noise: `rng` (a client passes MechanismRandom.secret(), the OS CSPRNG); None:
+        # seeded by `seed`, deterministic and NOT private (tests, benchmarks)
+        self.random = rng if rng is not None else MechanismRandom.seeded(seed, "trainer")
+        self.rng = self.random.generator()  # negatives
         self.params = encoder.trainable()
         if not self.params:
             raise ValueError("the model has no trainable (LoRA) parameters")
@@ -319,11 +345,10 @@ class LocalTrainer:
         if dp is not None:
             if accountant is None:
                 raise ValueError("DP training needs an accountant to record what it spends")
-            noise = torch.Generator().manual_seed(seed if seed is not None else entropy_seed())
-            dp_optimizer = DPOptimizer(
-                base, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
-                expected_batch_size=dp.normaliser, secure_mode=dp.secure_rng,
-                generator=None if dp.secure_rng else noise,
+            dp_optimizer = SecretNoiseDPOptimizer(
+                base, noise=self.random, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
+                expected_batch_size=dp.normaliser,  # a public constant: never the private user count
+                secure_mode=dp.secure_rng,
             )
             dp_optimizer.attach_step_hook(accountant.make_step_hook(dp.sample_rate))
             self.optimizer = dp_optimizer
@@ -396,7 +421,7 @@ class LocalTrainer:
         losses, seen = [], 0
         bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
         for _ in bar:
-            mask = self.rng.random(len(self.users)) < self.sample_rate
+            mask = self.random.random(len(self.users)) < self.sample_rate
             rows = torch.as_tensor(np.flatnonzero(mask), dtype=torch.long)
             loss = self.step(rows)
             seen += int(rows.numel())

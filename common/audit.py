@@ -233,8 +233,8 @@ def _check_rng(entries: Sequence[Mapping[str, Any]]) -> Check:
                      "noise came from seeded generators (torch, numpy) whose seed the run config "
                      "determines; treat the noise as predictable by whoever knows that config")
     problems = [f"{unrecorded} entries do not record their RNG"] if unrecorded else []
-    if any("deterministic" in v for v in values):
-        return Check(name, WARN, "; ".join(problems + [
+    if any("deterministic" in v for v in values):  # the noise is predictable: no guarantee holds
+        return Check(name, FAIL, "; ".join(problems + [
             f"rng = {', '.join(values)}: a deterministic (seeded) run for tests or benchmarks; anyone who "
             "knows the seed can regenerate the noise, so these releases are not private"]))
     known = {"os-entropy": "fresh OS entropy per release (cryptographically secure)"}

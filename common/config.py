@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -85,7 +86,10 @@ class TrainConfig:
     # from the noisy popularity and shared by the step's users (sampled softmax, logQ-corrected)
     negatives: int = 0
     temperature: float = 0.07  # softmax temperature over cosine similarities
-    seed: int = 0  # model initialisation, user sampling for max_users, data partitions
+    seed: int = 0  # data split, partitions, LoRA init; never the DP noise or sampling masks
+    # Seeded (reproducible) noise and sampling masks: tests and benchmarks only, NOT private;
+    # recorded in every ledger line; a client whose own policy does not allow it refuses.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for method in self.methods:
@@ -116,8 +120,9 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         _positive("privacy.target_epsilon", self.target_epsilon)
-        if self.noise_multiplier is not None and self.noise_multiplier < 0:
-            raise ConfigError(f"privacy.noise_multiplier={self.noise_multiplier} must be >= 0")
+        if self.noise_multiplier is not None and not 0 <= self.noise_multiplier < math.inf:
+            raise ConfigError(f"privacy.noise_multiplier={self.noise_multiplier} must be a finite "
+                              "number >= 0")
         _positive("privacy.clip_norm", self.clip_norm)
         _choice("privacy.accountant", self.accountant, ("rdp", "prv"))
         if self.delta is not None and not 0.0 < self.delta < 1.0:
@@ -150,12 +155,12 @@ class PriorConfig:
             raise ConfigError(f"prior.popularity_share={self.popularity_share} must be between 0 and 1 "
                               "(exclusive)")
         for key in ("weight", "beta", "shrink", "residual_scale"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"prior.{key}={getattr(self, key)} must be >= 0")
+            if not 0 <= getattr(self, key) < math.inf:
+                raise ConfigError(f"prior.{key}={getattr(self, key)} must be a finite number >= 0")
         if not 0 < self.budget_share < 1:
             raise ConfigError(f"prior.budget_share={self.budget_share} must be between 0 and 1 (exclusive)")
-        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise ConfigError(f"prior.noise_multiplier={self.noise_multiplier} must be > 0")
+        if self.noise_multiplier is not None:
+            _positive("prior.noise_multiplier", self.noise_multiplier)
 
 
 @dataclass(frozen=True)
@@ -182,13 +187,18 @@ class FederatedConfig:
     rounds: int = 3
     local_epochs: float = 2.0  # expected passes over the client's users per round (steps at q = 1)
     strategy: str = "fedavg"  # fedavg | fedprox | fedadam (Flower's strategies)
-    weighting: str = "users"  # users: weight by the client's user count | uniform
+    # users | uniform. Clients send weight 1 (their user count is private), so both are uniform.
+    weighting: str = "users"
     proximal_mu: float = 0.01  # fedprox only
     server_lr: float = 0.1  # fedadam only (eta)
     dp: bool = True  # user-level DP-SGD at every client (false: plain local training)
     # Budgets of the simulated clients: their own local setting, never sent by the server.
     # client name -> ε; clients not named get privacy.target_epsilon.
     client_budgets: dict[str, float] = field(default_factory=dict)
+    # The simulated institutions' policies (client/policy.py): client name (or "*" for every
+    # client) -> node-config keys, e.g. {"*" = {allow-non-private = true}}; not read by deployed
+    # clients, whose policy is their own node config.
+    client_policy: dict[str, dict[str, Any]] = field(default_factory=dict)
     num_cpus: float = 2.0  # CPU cores per simulated client (2 on a 2-core machine: one at a time)
     num_gpus: float = 0.0  # GPU share per simulated client
     timeout: float = 3600.0  # seconds the server waits for replies in one round
@@ -221,6 +231,9 @@ class FederatedConfig:
         _positive("fed.server_lr", self.server_lr)
         for name, eps in self.client_budgets.items():
             _positive(f"fed.client_budgets.{name}", eps)
+        for name, table in self.client_policy.items():
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"fed.client_policy.{name} must be a table of policy settings")
         _positive("fed.num_cpus", self.num_cpus)
         _positive("fed.timeout", self.timeout)
         _positive("fed.eval_every", self.eval_every)
@@ -346,8 +359,9 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key}={value} must be > 0")
+    """> 0 and finite: inf and nan are config errors, not budgets or rates."""
+    if not 0 < value < math.inf:
+        raise ConfigError(f"{key}={value} must be a finite number > 0")
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> Config:

@@ -164,6 +164,7 @@ def load_ml100k(directory: Path, *, rating_threshold: float | None = None) -> Da
              for parts, where in _lines(directory / "u.item", "|", encoding="latin-1")]
     events = [_event(parts[0], parts[1], parts[3], parts[2], where)
               for parts, where in _lines(directory / "u.data", "\t", columns=4)]
+    _require_events(directory / "u.data", events)
     users: dict[str, dict[str, str]] = {}
     if (directory / "u.user").is_file():
         for parts, where in _lines(directory / "u.user", "|", columns=1 + len(ML100K_USER_FIELDS)):
@@ -209,6 +210,7 @@ def load_recbole(directory: Path, *, rating_threshold: float | None = None) -> D
     _check_rating_column(inter[0], inter_types, rating_threshold)
     events = [_event(r["user_id"], r["item_id"], r["timestamp"], r.get("rating", ""), where)
               for r, where in inter_rows]
+    _require_events(inter[0], events)
     users = {}
     if stem.with_suffix(".user").is_file():
         users = _attributes(_atomic(stem.with_suffix(".user"), required=("user_id",))[1])
@@ -259,6 +261,7 @@ def load_csv(
     _check_rating_column(interactions, header, rating_threshold)
     events = [_event(r["user_id"], r["item_id"], r["timestamp"], r.get("rating", ""), where)
               for r, where in rows]
+    _require_events(interactions, events)
     attrs = {} if users is None else _attributes(_csv_rows(users, required=("user_id",)))
     return _assemble(interactions.parent.name or "csv", item_list, events, attrs, rating_threshold)
 
@@ -293,9 +296,16 @@ def _csv_table(path: Path, *, required: Sequence[str]) -> tuple[list[str], list[
 # --- loading: shared helpers ---------------------------------------------------------------
 
 
+def _require_events(path: Path, events: Sequence[_Event]) -> None:
+    if not events:
+        raise DataError(f"{path}: no interactions (the file is empty or holds only a header); "
+                        "it needs one line per user–item interaction")
+
+
 def _read(path: Path, encoding: str) -> str:
+    """The file's text; a UTF-8 byte-order mark (as spreadsheet exports write) is dropped."""
     try:
-        return path.read_text(encoding=encoding)
+        return path.read_text(encoding="utf-8-sig" if encoding == "utf-8" else encoding)
     except FileNotFoundError:
         raise DataError(f"{path} does not exist; the data set needs this file") from None
     except UnicodeDecodeError:
@@ -528,8 +538,8 @@ def partition_users(
     if scheme == "attribute":
         return _by_attribute(dataset, users, attribute, num_clients or 0, zip_prefix)
     if num_clients is None or not 1 <= num_clients <= len(users):
-        raise ConfigError(f"num_clients={num_clients} must be between 1 and the {len(users)} users "
-                          f"of {dataset.name}")
+        raise ConfigError(f"fed.clients: num_clients={num_clients} must be between 1 and the {len(users)} "
+                          f"users of {dataset.name}; lower fed.clients")
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         order = rng.permutation(len(users))

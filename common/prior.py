@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from fedrec.common.errors import ConfigError, DataError, PrivacyError
 from fedrec.common.privacy import MechanismStep, calibrate_noise
+from fedrec.common.randomness import MechanismRandom
 
 MECHANISM_POPULARITY = "prior-counts"  # ledger name of the popularity release (kept for old ledgers)
 MECHANISM_COOCCURRENCE = "prior-cooccurrence"
@@ -95,13 +96,14 @@ def per_user_norms(contributions: Sequence[np.ndarray], *, num_items: int, head:
 # --- noise -----------------------------------------------------------------------------------
 
 
-def gaussian_noise(shape: tuple[int, ...], *, std: float, rng: np.random.Generator) -> np.ndarray:
+def gaussian_noise(shape: tuple[int, ...], *, std: float,
+                   rng: np.random.Generator | MechanismRandom) -> np.ndarray:
     return rng.normal(0.0, std, size=shape) if std > 0 else np.zeros(shape)
 
 
 def noisy_popularity(
     contributions: Sequence[np.ndarray], *, num_items: int, clip: float, noise_multiplier: float,
-    rng: np.random.Generator,
+    rng: np.random.Generator | MechanismRandom,
 ) -> np.ndarray:
     """The popularity release: clipped per-user sum + N(0, (σ·clip)²) per item -> (I,) float64."""
     _check_release(clip=clip, noise_multiplier=noise_multiplier)
@@ -111,7 +113,7 @@ def noisy_popularity(
 
 def noisy_cooccurrence(
     contributions: Sequence[np.ndarray], *, head: np.ndarray, clip: float, noise_multiplier: float,
-    rng: np.random.Generator,
+    rng: np.random.Generator | MechanismRandom,
 ) -> np.ndarray:
     """The co-occurrence release over `head`: symmetric (M, M) float64, noise on the upper triangle."""
     _check_release(clip=clip, noise_multiplier=noise_multiplier)
@@ -126,7 +128,7 @@ def noisy_cooccurrence(
 
 def private_counts(
     contributions: Sequence[Sequence[int]] | Sequence[np.ndarray], *, num_items: int, clip_norm: float,
-    noise_multiplier: float, rng: np.random.Generator,
+    noise_multiplier: float, rng: np.random.Generator | MechanismRandom,
 ) -> np.ndarray:
     """Per-item user counts under the Gaussian mechanism (one step, q = 1) -> (num_items,) float64.
 
@@ -347,7 +349,7 @@ def exact_prior(histories: Sequence[Sequence[int]], *, num_items: int, head_size
 
 def private_prior(
     histories: Sequence[Sequence[int]], *, num_items: int, plan: ReleasePlan, head_size: int,
-    clip: float, rng: np.random.Generator,
+    clip: float, rng: np.random.Generator | MechanismRandom,
 ) -> CollaborativePrior:
     """One party's two releases (the head chosen from its own noisy popularity)."""
     contributions = user_items(histories, num_items=num_items)

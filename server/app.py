@@ -55,9 +55,11 @@ from fedrec.server.validation import Identities, check_client_name, check_eval_m
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
+FAILED = "failed.json"  # written when the run stops because no client trained in a round
 
 
 @dataclass
@@ -90,6 +92,7 @@ def run_server(
     """Run (or resume) the federated rounds; write the run directory; return final metrics."""
     run = RunDir(out)
     state = _start_or_resume(run, cfg, resume)
+    (run.root / FAILED).unlink(missing_ok=True)
     loaded = build_recommender(cfg, cache_dir=cache_dir, offline=offline)
     initial = loaded.initial_adapter
     trainable_keys = sorted(k for k in initial if cfg.lora.variant != "ffa" or "lora_B" in k)
@@ -123,6 +126,8 @@ def run_server(
                                                      num_clients, state.prior, identities=state.identities)
             bytes_down = adapter_bytes
         trained = [r for r in replies if r.status == "ok"]
+        if not trained:
+            return _no_client_trained(run, rnd, replies, failures)
         if merged is not None:
             current = {k: merged[k].to(initial[k].dtype) for k in trainable_keys}
         for r in trained:
@@ -130,14 +135,14 @@ def run_server(
                 state.ledgers.setdefault(r.client, []).append(
                     _ledger_line(rnd, "dp-sgd", r, cfg.privacy.accountant))
         if rnd % cfg.fed.eval_every == 0 or rnd == cfg.fed.rounds:
-            evaluation = _evaluate(grid, cfg, current, state, which="valid", num_clients=num_clients)
+            evaluation = _evaluate(grid, cfg, current, state, which="valid", num_clients=num_clients, rnd=rnd)
         else:
             evaluation = {"users": 0.0, "betas": [], "metrics": {}, "skipped": True}
         record = {
             "round": rnd, "clients_ok": len(trained),
-            "clients_refused": sorted(r.client for r in replies if r.status == "over-budget"),
+            "clients_refused": sorted(r.client for r in replies if r.status != "ok"),  # any refusal
             "clients_failed": failures, "aggregated": merged is not None,
-            "loss": _mean([r.metrics["loss"] for r in trained]),
+            "loss": _mean([r.metrics["loss"] for r in trained if "loss" in r.metrics]),  # clients send none
             "valid": evaluation, "epsilon": {r.client: r.metrics.get("epsilon", 0.0) for r in replies},
             "bytes_up_per_client": _mean([r.bytes_up for r in trained]),
             "bytes_down_per_client": bytes_down, "model_bytes": model_bytes, "secagg": cfg.fed.secagg,
@@ -215,6 +220,17 @@ def _secure_round(
     return replies, failures, aggregate(strategy, rnd, [mean]), result.bytes_down // max(1, len(nodes))
 
 
+def _no_client_trained(run: RunDir, rnd: int, replies: Sequence[Reply], failures: Sequence[str]
+                       ) -> dict[str, Any]:
+    """Stop the run with one line saying why: nothing was trained, so there is nothing to serve."""
+    why = [f"{r.client}: {r.status} ({r.reason})" for r in replies] + list(failures)
+    reason = (f"round {rnd}: no client trained ({len(replies)} refused, {len(failures)} failed): "
+              + ("; ".join(why)[:600] or "no replies"))
+    log.error("%s", reason)
+    run.write_json(FAILED, {"round": rnd, "reason": reason})
+    return {"failed": reason}
+
+
 def _enough(cfg: Config, rnd: int, answered: int, num_clients: int) -> bool:
     """A round aggregates only if at least the quorum of clients answered (trained or refused)."""
     need = quorum(cfg, num_clients)
@@ -284,13 +300,14 @@ def prior_record(prior: CollaborativePrior) -> ArrayRecord:
 
 def _evaluate(
     grid: Grid, cfg: Config, current: Mapping[str, torch.Tensor], state: ServerState, *, which: str,
-    num_clients: int, betas: Sequence[float] | None = None,
+    num_clients: int, betas: Sequence[float] | None = None, rnd: int | None = None,
 ) -> dict[str, Any]:
     """Federated evaluation: each client scores its own users; means weighted by user count."""
     if betas is None:
         tuned = BLEND_WEIGHTS if cfg.prior.tune_weight else (cfg.prior.weight,)
         betas = tuned if state.prior is not None else ()
-    config = ConfigRecord({"split": which})
+    config = ConfigRecord({"split": which, "run-id": state.run_id,
+                           "server-round": state.round if rnd is None else rnd})
     if betas:
         config["weights"] = [float(b) for b in betas]
     content = RecordDict({"arrays": to_record(current), "config": config})
@@ -301,6 +318,9 @@ def _evaluate(
     pairs, _ = _parse(list(grid.send_and_receive(messages, timeout=cfg.fed.timeout)), None, -1,
                       identities=state.identities)
     replies = [r for _, r in pairs]
+    for r in replies:  # an evaluation a client answers is a DP release: its ledger line is kept
+        if r.status == "ok" and r.ledger is not None:
+            _keep_ledger_line(state, r.client, r.ledger)
     sums: dict[str, np.ndarray] = {}
     users = 0.0
     for r in replies:
@@ -316,6 +336,13 @@ def _evaluate(
                 sums[key] = sums.get(key, 0.0) + n * np.asarray(value, dtype=np.float64)
     metrics = {k: (v / users).tolist() for k, v in sums.items()} if users else {}
     return {"users": users, "betas": list(betas) or [0.0], "metrics": metrics}
+
+
+def _keep_ledger_line(state: ServerState, client: str, line: Mapping[str, Any]) -> None:
+    """Append a client's ledger line to the server's copy once (a replayed reply re-sends it)."""
+    lines = state.ledgers.setdefault(client, [])
+    if not any(x.get("entry_sha256") == line.get("entry_sha256") for x in lines if "entry_sha256" in line):
+        lines.append(dict(line))
 
 
 def _best(evaluation: Mapping[str, Any], key: str) -> tuple[int, float]:
@@ -357,6 +384,7 @@ def _finish(
     if state.prior is not None:
         save_prior(run.root / "final", state.prior)
     run.write_json("final/metrics.json", final)
+    _write_records(run, state)  # the test evaluation's ledger lines
     return final
 
 
@@ -484,22 +512,28 @@ def _start_or_resume(run: RunDir, cfg: Config, resume: bool) -> ServerState:
         diff = _first_difference(recorded["settings"], settings)
         raise ConfigError(f"{run.root} was started with different settings ({diff}); resume it with "
                           "the same config")
-    latest = _latest_round(ckpt)
-    if latest is None:
-        return _read_state(ckpt / "round-0", recorded["run_id"]) if (ckpt / "round-0").is_dir() \
-            else ServerState(run_id=recorded["run_id"])
-    return _read_state(ckpt / f"round-{latest}", recorded["run_id"])
+    for rnd in _checkpoint_rounds(ckpt):  # newest first; a torn one falls back to the one before
+        try:
+            state = _read_state(ckpt / f"round-{rnd}", recorded["run_id"])
+            if rnd > 0:
+                _load_checkpoint_tensors(run.root, rnd)
+            return state
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+            log.warning("checkpoint round-%d is damaged (%s); falling back to the one before", rnd, exc)
+    return ServerState(run_id=recorded["run_id"])
 
 
-def _latest_round(ckpt: Path) -> int | None:
+def _checkpoint_rounds(ckpt: Path) -> list[int]:
     rounds = [int(p.name.split("-")[1]) for p in ckpt.glob("round-*")
               if p.name.split("-")[1].isdigit() and (p / "server.json").is_file()]
-    rounds = [r for r in rounds if r > 0]
-    return max(rounds) if rounds else None
+    return sorted(rounds, reverse=True)
 
 
 def _read_state(path: Path, run_id: str) -> ServerState:
     doc = json.loads((path / "server.json").read_text())
+    if not isinstance(doc, dict) or doc.get("run_id", run_id) != run_id or doc["round"] != int(
+            path.name.split("-")[1]):
+        raise ValueError(f"{path / 'server.json'} is not this run's checkpoint of its round")
     prior = load_prior(path / PRIOR_FILE) if (path / PRIOR_FILE).is_file() else None
     return ServerState(run_id=run_id, round=doc["round"], history=doc["history"], ledgers=doc["ledgers"],
                        prior=prior)

@@ -24,8 +24,8 @@ from fedrec.server.deploy import Deployment, init_deployment, institution_keygen
 
 # The tiny model and data of the other end-to-end tests, as `flwr run --run-config` overrides.
 TINY_RUN = (
-    "model.name='tiny-random' data.max_users=0 lora.rank=2 lora.last_layers=1 train.batch_size=8 "
-    "train.negatives=3 model.max_history_tokens=120 model.max_item_tokens=40 fed.local_epochs=0.5 "
+    "model.name='tiny-random' data.max_users=0 lora.rank=2 train.batch_size=8 "
+    "model.max_item_tokens=40 fed.local_epochs=0.5 prior.head_size=20 "
     "eval.batch_size=256 privacy.noise_multiplier=1.0"
 )
 

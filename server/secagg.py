@@ -7,7 +7,7 @@ stages (setup, share keys, collect masked vectors, unmask) itself, one round at 
 fedrec keeps its own round loop, checkpoints and resume. What the server learns per round:
 
 - the weighted sum Σ wᵢ·adapterᵢ and Σ wᵢ (dequantised, then divided: the weighted mean);
-- each client's reply status and scalar metrics (ε, σ, q, steps, user count, loss), which travel
+- each client's reply status and scalar metrics (ε, σ, q, steps; no user count, no loss), which travel
   in clear as before — SecAgg+ hides the tensors, not the metadata.
 
 Precision: each value is clipped to ±fed.secagg_clip and quantised to 2²² levels after being
@@ -110,7 +110,7 @@ def workflow(cfg: Config) -> SecAggPlusWorkflow:
     f = cfg.fed
     return SecAggPlusWorkflow(
         num_shares=_count(f.secagg_shares), reconstruction_threshold=_count(f.secagg_threshold),
-        max_weight=f.secagg_max_weight if f.weighting == "users" else 1.0,
+        max_weight=1.0,  # clients send weight 1: their user count is private (client/local.py)
         clipping_range=f.secagg_clip, timeout=f.timeout,
     )
 

@@ -44,6 +44,7 @@ class RunRecord:
         """`fedrec simulate` gives each simulated client its budget from this config; deployed
         institutions set their own (settings.toml), so config.toml says nothing about theirs."""
         return self.engine.startswith("flwr simulation")
+    sample_rate: float | None = None  # train.sample_rate: the public q every DP-SGD line must carry
 
     def budget(self, client: str) -> float | None:
         return float(self.client_budgets.get(client, self.target_epsilon)) \
@@ -124,8 +125,11 @@ def _audit_path(path: Path, tol: Tolerance, trust: Trust) -> Target:
         target = Target(path, "ledger")
         # a bare file must hold the whole chain: a copy starting mid-chain (a truncated head) is
         # taken on trust only with --allow-legacy
-        target.clients.append(audit.audit_ledger(_client_name(path), read_ledger(path), source=str(path),
-                                                 tol=tol, mid_chain=trust.allow_legacy, trust=trust))
+        entries = read_ledger(path)
+        ca = audit.audit_ledger(_client_name(path), entries, source=str(path), tol=tol,
+                                mid_chain=trust.allow_legacy, trust=trust)
+        ca.checks.append(check_dp(entries))
+        target.clients.append(ca)
         target.assumptions = rng_assumptions(None, target.clients)
         return target
     raise DataError(f"{path} is neither a run directory (with ledgers/), a client state directory (with "
@@ -140,7 +144,7 @@ def _audit_client_state(path: Path, tol: Tolerance, trust: Trust) -> Target:
     target = Target(path, "client-state")
     ledger = read_ledger(path / "ledger.jsonl")
     ca = audit.audit_ledger(path.name, ledger, source=str(path / "ledger.jsonl"), tol=tol, trust=trust)
-    ca.checks += [check_replies(path, ledger), check_state(path, ledger)]
+    ca.checks += [check_replies(path, ledger), check_state(path, ledger), check_dp(ledger)]
     target.clients.append(ca)
     target.assumptions = rng_assumptions(None, target.clients)
     return target
@@ -152,7 +156,8 @@ def _audit_run(root: Path, tol: Tolerance, trust: Trust) -> Target:
     target = Target(root, "run", record)
     ledgers = {p.stem: p for p in sorted((root / "ledgers").glob("*.jsonl"))}
     own = {p.parent.name: p for p in sorted((root / "clients").glob("*/ledger.jsonl"))}
-    reported = sorted({c for r in rounds for c in r.get("epsilon", {})})
+    # a client that refused everything (ε = 0 in every round) released nothing and needs no ledger
+    reported = sorted({c for r in rounds for c, e in r.get("epsilon", {}).items() if float(e) > 0})
     for client in sorted(set(ledgers) | set(own) | set(reported)):
         if client not in ledgers:
             target.checks.append(Check(f"ledger of {client}", FAIL,
@@ -161,8 +166,10 @@ def _audit_run(root: Path, tol: Tolerance, trust: Trust) -> Target:
             continue
         ctx = _context(client, rounds, record, own.get(client))
         # the server's copy holds this run only: a client that took part in earlier runs starts mid-chain
-        ca = audit.audit_ledger(client, read_ledger(ledgers[client]), source=str(ledgers[client]),
+        entries = read_ledger(ledgers[client])
+        ca = audit.audit_ledger(client, entries, source=str(ledgers[client]),
                                 context=ctx, tol=tol, mid_chain=True, trust=trust)
+        ca.checks += [check_dp(entries, run_dp=record.dp), check_public_rate(entries, record.sample_rate)]
         if client in own and ctx.own_copy is not None:
             ca.checks += [check_replies(own[client].parent, ctx.own_copy),
                           check_state(own[client].parent, ctx.own_copy)]
@@ -178,9 +185,11 @@ def _context(client: str, rounds: Sequence[Mapping[str, Any]], record: RunRecord
     eps = {int(r["round"]): float(r["epsilon"][client]) for r in rounds
            if client in r.get("epsilon", {}) and client not in r.get("clients_refused", [])}
     trained = tuple(eps)
+    # every round a client trained needs its DP-SGD line, whatever fed.dp says (check_dp FAILs
+    # a run configured without DP on its own)
     return RunContext(
         trained_rounds=trained, round_epsilon=eps,
-        prior_released=record.prior, dp=record.dp,
+        prior_released=record.prior, dp=True,
         own_copy=read_ledger(own_path) if own_path else None,
         budget=record.budget(client), batch_size=record.batch_size,
         budget_binding=record.budgets_from_config,
@@ -229,7 +238,38 @@ def read_run_record(root: Path) -> RunRecord:
         dp=bool(fed.get("dp", True)), prior=bool(doc.get("prior", {}).get("enabled", False)),
         weighting=str(fed.get("weighting", "users")), batch_size=train.get("batch_size"),
         engine=str(doc.get("provenance", {}).get("engine", "")),
+        sample_rate=train.get("sample_rate"),
     )
+
+
+NON_PRIVATE, EVALUATION = "non-private", "dp-eval"
+
+
+def check_dp(ledger: Sequence[Mapping[str, Any]], *, run_dp: bool = True) -> Check:
+    """FAIL when any round trained without DP (a non-private line, or a run with fed.dp = false)."""
+    name = "every release under DP"
+    bad = [int(e.get("round", -1)) for e in ledger
+           if e.get("mechanism") == NON_PRIVATE or e.get("dp") is False]
+    if bad or not run_dp:
+        why = f"rounds {bad} trained without DP (mechanism non-private, σ = 0)" if bad else \
+            "the run was configured with fed.dp = false"
+        return Check(name, FAIL, f"{why}: no privacy guarantee holds for this client's users")
+    return Check(name, PASS, "every release is a DP mechanism (σ > 0)")
+
+
+def check_public_rate(ledger: Sequence[Mapping[str, Any]], sample_rate: float | None) -> Check:
+    """q of every DP-SGD line is the run's public train.sample_rate: fixed before training, independent
+    of the client's private user count (so the add/remove-one-user analysis applies as recorded)."""
+    name = "q is the public sample rate"
+    sgd = [e for e in ledger if e.get("mechanism") == "dp-sgd"]
+    if sample_rate is None or not sgd:
+        return Check(name, INFO,
+                     "no train.sample_rate in the run's config, or no DP-SGD release: not checked")
+    wrong = [e for e in sgd if float(e["sample_rate"]) != float(sample_rate)]
+    if wrong:
+        return Check(name, FAIL, f"round {wrong[0].get('round')}: q={wrong[0]['sample_rate']} but the run's "
+                     f"public train.sample_rate is {sample_rate}")
+    return Check(name, PASS, f"q = train.sample_rate = {sample_rate} in every DP-SGD release")
 
 
 def check_replies(state_dir: Path, ledger: Sequence[Mapping[str, Any]]) -> Check:
@@ -241,12 +281,14 @@ def check_replies(state_dir: Path, ledger: Sequence[Mapping[str, Any]]) -> Check
 
     name = "released tensors match the ledger"
     files = sorted((state_dir / "replies").glob("*.safetensors"))
-    digests = {tensors_digest(load_file(str(p))): p for p in files}
+    digest_of = {p: tensors_digest(load_file(str(p))) for p in files}
+    digests = {d: p for p, d in digest_of.items()}
     empty = tensors_digest({})
     checked, matched, problems = 0, set(), []
     for e in ledger:
-        if "adapter_sha256" not in e or "run_id" not in e or e["adapter_sha256"] == empty:
-            continue
+        if "adapter_sha256" not in e or "run_id" not in e or e["adapter_sha256"] == empty \
+                or e.get("mechanism") == EVALUATION:
+            continue  # an evaluation releases noisy scalars, no tensors
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(e["run_id"]))
         path = digests.get(str(e["adapter_sha256"]))
         if path is None:
@@ -259,7 +301,7 @@ def check_replies(state_dir: Path, ledger: Sequence[Mapping[str, Any]]) -> Check
         checked += 1
         matched.add(path)
     for path in files:
-        if path not in matched:
+        if path not in matched and digest_of[path] != empty:  # an evaluation's reply holds no tensors
             problems.append(f"stored reply {path.name} has no ledger line: a release that was never "
                             "accounted, or whose ledger line was removed")
     if problems:
@@ -324,23 +366,23 @@ def assumptions(record: RunRecord | None, clients: Sequence[ClientAudit]) -> lis
         Check("neighbouring relation: add or remove one user", INFO,
               "all four accountants take the add/remove-one-user relation (Poisson-subsampled Gaussian)"),
         Check("Poisson sampling", PASS if poisson_ok else WARN,
-              "q in every DP-SGD release equals batch_size/users, the rate of the per-user Poisson sampler"
-              if poisson_ok else "could not confirm q = batch_size/users for every release"),
+              "every DP-SGD release records its Poisson rate q (a public setting; older ledgers: "
+              "batch_size/users)" if poisson_ok else "could not confirm q for every release"),
     ]
     out += rng_assumptions(record, clients)
     if record is not None:
         out += [
             Check("accountant that trained", INFO, f"Opacus {record.accountant.upper()}; re-derived above "
                   "with dp-accounting RDP and PLD"),
-            Check("users per client", WARN,
-                  "not covered: revealed to the server (ledger line 'users', 'num-examples' metrics)"
-                  + (" and used as FedAvg weights (fed.weighting = users)" if record.weighting == "users"
-                     else "")),
+            Check("users per client", INFO,
+                  "not released by clients that record their randomness: q and steps are public "
+                  "settings, replies carry weight 1 and noisy evaluation counts; older ledgers carry "
+                  "'users' and their replies the exact count"),
         ]
     out += [
         Check("item catalogue text", INFO, "not covered, and needs no cover: public item titles and genres"),
-        Check("evaluation metrics", WARN, "not covered: clients send HR/NDCG/MRR of their own validation "
-              "and test users to the server without noise"),
+        Check("evaluation metrics", INFO, "covered: clients release HR/NDCG/MRR sums of their own users "
+              "under the Gaussian mechanism ('dp-eval' lines, in ε above), or none (evaluation = off)"),
         Check("hyperparameters", WARN,
               "not covered: settings and the prior weight β chosen on validation users"),
     ]

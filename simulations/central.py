@@ -9,12 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from fedrec.client.train import (
     DPSettings,
     LocalTrainer,
-    entropy_seed,
     objective,
     residual_cf,
     steps_for_epochs,
@@ -47,6 +45,7 @@ from fedrec.common.prior import (
     save_prior,
 )
 from fedrec.common.privacy import PrivacyAccountant, calibrate_noise, check_delta, default_delta
+from fedrec.common.randomness import MechanismRandom, mechanism_random
 from fedrec.common.recommender import Catalogue, Loaded, build_recommender, catalogue_cached
 from fedrec.common.rundir import RunDir
 
@@ -153,7 +152,7 @@ def release_prior(ctx: Context, accountant: PrivacyAccountant, ledger: str, *, s
     plan = plan_releases(epsilon=ctx.cfg.privacy.target_epsilon, delta=ctx.delta, share=share,
                          popularity_share=p.popularity_share, cooccurrence=cooccurrence,
                          accountant=ctx.cfg.privacy.accountant, fixed_sigma=p.noise_multiplier)
-    rng = np.random.default_rng(entropy_seed())
+    rng = _random(ctx, "prior")
     prior = private_prior(ctx.histories, num_items=ctx.num_items, plan=plan, head_size=p.head_size,
                           clip=p.clip_norm, rng=rng)
     for step, mechanism in zip(plan.steps, (MECHANISM_POPULARITY, MECHANISM_COOCCURRENCE), strict=False):
@@ -264,7 +263,8 @@ def _trainer(ctx: Context, loaded: Loaded, prior: CollaborativePrior | None, *, 
         loaded.encoder, _catalogue(ctx), {u: ctx.split.train[u] for u in ctx.users},
         lr=cfg.train.dp_lr if dp else cfg.train.lr, batch_size=cfg.train.batch_size, objective=objective(cfg),
         residual=residual_cf(prior, cfg), dp=dp, accountant=accountant,
-        seed=None if dp else cfg.train.seed, popularity=prior.popularity if prior is not None else None,
+        seed=cfg.train.seed, rng=_random(ctx, "train") if dp else None,
+        popularity=prior.popularity if prior is not None else None,
     )
 
 
@@ -294,6 +294,12 @@ def _train(ctx: Context, trainer: LocalTrainer, method: str, *, accountant: Priv
     return seconds
 
 
+def _random(ctx: Context, purpose: str) -> MechanismRandom:
+    """Masks and noise from OS entropy; seeded only with train.deterministic (tests, benchmarks)."""
+    return mechanism_random(deterministic=ctx.cfg.train.deterministic, seed=ctx.cfg.train.seed,
+                            purpose=("central", purpose))
+
+
 def _ledger(
     ctx: Context, name: str, accountant: PrivacyAccountant, mechanism: str, sigma: float,
     q: float, steps: int, clip: float,
@@ -304,7 +310,8 @@ def _ledger(
         "round": ctx.ledger_rounds[name], "mechanism": mechanism, "noise_multiplier": sigma,
         "sample_rate": q, "steps": steps, "clip_norm": clip, "delta": ctx.delta,
         "epsilon": accountant.epsilon(ctx.delta), "accountant": ctx.cfg.privacy.accountant,
-        "users": len(ctx.users), "budget": ctx.cfg.privacy.target_epsilon, "rng": "os-entropy",
+        "users": len(ctx.users), "budget": ctx.cfg.privacy.target_epsilon,
+        "rng": _random(ctx, "label").label,
     }
     ctx.run.append_jsonl(f"ledgers/{name}.jsonl", record)
 

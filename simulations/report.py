@@ -22,7 +22,7 @@ def write_reports(root: Path, cfg: Config) -> None:
     eps = {c: [(x["round"], x["epsilon"]) for x in lines] for c, lines in ledgers.items()}
     md = _markdown(cfg, rounds, ledgers, final, key)
     (root / "report.md").write_text(md)
-    plots = (line_plot({"global model": ndcg}, f"validation {key} (best β)", "round")
+    plots = (line_plot({"global model": ndcg}, f"validation {key} (best blend weight)", "round")
              + line_plot(eps, "ε spent per client (user-level, δ in the ledgers)", "round"))
     body = "<pre>" + html.escape(md) + "</pre>"
     (root / "report.html").write_text(
@@ -37,11 +37,14 @@ def _markdown(cfg: Config, rounds: Sequence[Mapping], ledgers: Mapping[str, Sequ
              f"LoRA variant {cfg.lora.variant}, DP {'on' if cfg.fed.dp else 'off'} (user-level).", "",
              "## Test (final adapter)", ""]
     test = final.get("test", {})
-    lines.append(f"| metric | fused (β = {final.get('prior_weight')}) | LLM only |")
-    lines.append("|---|---|---|")
+    lines.append(f"| metric | blend: CF + {final.get('blend_weight')}·LLM | CF alone | LLM alone |")
+    lines.append("|---|---|---|---|")
     for k, v in test.items():
-        alone = final.get("test_llm_only", {}).get(k)
-        lines.append(f"| {k} | {v:.4f} | {'—' if alone is None else f'{alone:.4f}'} |")
+        cf, alone = (final.get(part, {}).get(k) for part in ("test_cf_only", "test_llm_only"))
+        lines.append(f"| {k} | {v:.4f} | {'—' if cf is None else f'{cf:.4f}'} | "
+                     f"{'—' if alone is None else f'{alone:.4f}'} |")
+    lines += ["", "The blend is what `fedrec serve` ranks with; CF alone is the private collaborative "
+              "prior (popularity + co-occurrence); the LLM alone is the adapted item encoder."]
     lines += ["", "## Rounds", "",
               f"| round | clients ok | refused | failed | loss | valid {key} | seconds |",
               "|---|---|---|---|---|---|---|"]

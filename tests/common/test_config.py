@@ -57,3 +57,26 @@ def test_round_trip_through_dict() -> None:
 
     assert from_dict(Config, tomllib.loads(text)) == cfg
     assert again != cfg
+
+
+@pytest.mark.parametrize("override", [
+    "privacy.target_epsilon=inf", "privacy.target_epsilon=nan", "privacy.delta=nan",
+    "privacy.noise_multiplier=nan", "privacy.noise_multiplier=inf", "fed.client_budgets={client-0=inf}",
+    "fed.client_budgets={client-0=nan}", "prior.noise_multiplier=inf", "prior.weight=nan",
+    "train.sample_rate=0", "train.sample_rate=1.5",
+])
+def test_non_finite_budgets_and_noise_are_config_errors(override: str) -> None:
+    key = override.partition("=")[0].split("{")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_infinite_budget_is_one_clean_line_and_exit_2(tmp_path: Path, capsys) -> None:
+    from fedrec.cli import main
+
+    code = main(["simulate", "--output", str(tmp_path / "run"), "--set", "privacy.target_epsilon=inf"])
+
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("fedrec: error:") and err.count("\n") == 1
+    assert "privacy.target_epsilon=inf must be a finite number" in err
+    assert not (tmp_path / "run").exists()

@@ -14,6 +14,7 @@ from fedrec.common.data import (
     load_csv,
     load_dataset,
     partition_users,
+    sample_users,
 )
 from fedrec.common.errors import ConfigError, DataError
 
@@ -411,3 +412,37 @@ def test_real_ml100k_counts() -> None:
     assert (len(ds.user_ids), len(ds.item_ids), ds.num_interactions) == (943, 1682, 100_000)
     assert ds.item_texts[0] == "Toy Story (1995) | Animation, Children's, Comedy"
     assert ds.user_attributes["1"]["occupation"] == "technician"
+
+
+def test_a_utf8_bom_in_a_csv_header_parses(tmp_path: Path) -> None:
+    root = write_csv(tmp_path / "d", "user_id,item_id,timestamp\nu1,i1,1\nu1,i2,2\n")
+    for name in ("interactions.csv", "items.csv"):
+        (root / name).write_bytes(b"\xef\xbb\xbf" + (root / name).read_bytes())
+
+    dataset = load_dataset(root)
+
+    assert dataset.user_ids == ("u1",) and dataset.item_ids == ("i1", "i2", "i3")
+
+
+def test_an_empty_interactions_file_names_the_file(tmp_path: Path) -> None:
+    root = write_ml100k(tmp_path / "ml", data_lines=[])
+    with pytest.raises(DataError, match=r"u\.data: no interactions"):
+        load_dataset(root)
+    csv_root = write_csv(tmp_path / "csv", "user_id,item_id,timestamp\n")
+    with pytest.raises(DataError, match=r"interactions\.csv: no interactions"):
+        load_dataset(csv_root)
+
+
+def test_more_clients_than_users_names_the_setting(tmp_path: Path) -> None:
+    from fedrec.client.local import simulated_clients
+    from fedrec.common.config import load_config
+
+    from tests.conftest import write_tiny_dataset
+
+    data = write_tiny_dataset(tmp_path / "tiny", users=24)
+    dataset = load_dataset(data)
+    split = sample_users(leave_one_out(dataset), 10, 0)
+    cfg = load_config(None, ["fed.clients=20", "data.max_users=10"])
+
+    with pytest.raises(ConfigError, match=r"fed\.clients=20 but only \d+ clients get any of the 10 users"):
+        simulated_clients(cfg, dataset, split)

@@ -54,7 +54,11 @@ def test_audit_of_a_real_run_passes(run_dir: Path, tmp_path: Path) -> None:
         assert status["hash chain"] == status["ε re-derived"] == status["within budget"] == "pass"
         assert status["rounds complete"] == status["server copy = client's own ledger"] == "pass"
         assert status["released tensors match the ledger"] == "pass"
-        assert c["rounds"] == [0, 0, 1, 2] and c["remaining"] >= 0  # popularity + co-occurrence in round 0
+        assert status["every release under DP"] == "pass"
+        assert status["q is the public sample rate"] == "pass"
+        # the two prior releases, then per round training and its (DP-noised, accounted)
+        # validation, then the two test evaluations (the blend and CF alone; the LLM alone)
+        assert c["rounds"] == [0, 0, 1, 1, 2, 2, 2, 2] and c["remaining"] >= 0
         assert set(c["final_epsilon"]) == {"opacus-rdp", "opacus-prv", "dp-accounting-rdp", "dp-accounting-pld"}
         assert c["agreement"] < 0.01
     assert any(k.endswith("ledgers/client-0.jsonl") for k in report["checksums"])
@@ -80,8 +84,9 @@ def test_rehashed_forgery_is_caught_by_the_other_records(run_dir: Path, tmp_path
     run = copy_run(run_dir, tmp_path)
     path = run / "ledgers" / "client-2.jsonl"
     forged: list[dict] = []
-    for i, e in enumerate(read_jsonl(path)):  # lower ε and rebuild the whole chain consistently
-        forged.append(chain.link({**e, "epsilon": e["epsilon"] * (0.5 if i == 2 else 1)}, forged))
+    for e in read_jsonl(path):  # lower round 2's DP-SGD ε and rebuild the whole chain consistently
+        last = e["mechanism"] == "dp-sgd" and e["round"] == 2
+        forged.append(chain.link({**e, "epsilon": e["epsilon"] * (0.5 if last else 1)}, forged))
     rewrite(path, forged)
 
     assert main(["audit", str(run), "--format", "json"]) == 1
@@ -95,7 +100,9 @@ def test_deleted_ledger_and_missing_round_fail(run_dir: Path, tmp_path: Path, ca
     run = copy_run(run_dir, tmp_path)
     (run / "ledgers" / "client-0.jsonl").unlink()
     path = run / "ledgers" / "client-1.jsonl"
-    rewrite(path, read_jsonl(path)[:-1])  # the round-2 entry dropped from the end
+    lines = read_jsonl(path)
+    last = max(i for i, e in enumerate(lines) if e["mechanism"] == "dp-sgd")
+    rewrite(path, lines[:last])  # the round-2 release (and the evaluations after it) dropped
 
     assert main(["audit", str(run)]) == 1
 
@@ -118,6 +125,25 @@ def test_client_state_and_bare_ledgers_are_audited(run_dir: Path, tmp_path: Path
     state, bare = report["targets"]
     assert state["kind"] == "client-state" and bare["kind"] == "ledger"
     assert {x["name"]: x["status"] for x in bare["clients"][0]["checks"]}["hash chain"] == "warn"
+
+
+def test_a_run_without_dp_or_with_seeded_noise_fails(run_dir: Path, tmp_path: Path, capsys) -> None:
+    run = copy_run(run_dir, tmp_path)
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace("dp = true", "dp = false"))
+    for name in ("client-0", "client-1"):
+        for path in (run / "ledgers" / f"{name}.jsonl", run / "clients" / name / "ledger.jsonl"):
+            lines: list[dict] = []
+            for e in read_jsonl(path):  # a consistent rewrite of both copies
+                rng = "seeded (deterministic, NOT private)" if name == "client-1" else e["rng"]
+                lines.append(chain.link({**e, "rng": rng}, lines))
+            rewrite(path, lines)
+
+    assert main(["audit", str(run)]) == 1
+
+    err = capsys.readouterr().err
+    assert "[client-2]: every release under DP: the run was configured with fed.dp = false" in err
+    assert "[client-1]: randomness" in err and "[client-0]: randomness" not in err
 
 
 def test_bad_input_is_one_clean_line(tmp_path: Path, capsys) -> None:
@@ -277,7 +303,9 @@ def test_stripped_chain_in_both_copies_fails_unless_legacy(run_dir: Path, tmp_pa
 def test_dropped_last_release_with_its_reply_still_stored_fails(run_dir: Path, tmp_path: Path, capsys) -> None:
     run = copy_run(run_dir, tmp_path)
     for path in all_copies(run, "client-0"):
-        rewrite(path, read_jsonl(path)[:-1])  # the round-2 release dropped from both copies...
+        lines = read_jsonl(path)
+        last = max(i for i, e in enumerate(lines) if e["mechanism"] == "dp-sgd")
+        rewrite(path, lines[:last])  # the round-2 release (and what followed) dropped from both copies...
     rewrite_state_ledger(run, "client-0", read_jsonl(run / "ledgers" / "client-0.jsonl"))
     rounds = read_jsonl(run / "rounds.jsonl")
     for r in rounds:

@@ -30,8 +30,12 @@ TINY = [
 
 LEDGER_KEYS = {
     "round", "mechanism", "noise_multiplier", "sample_rate", "steps", "clip_norm", "delta", "epsilon",
-    "accountant", "users", "budget", "run_id", "adapter_sha256", "seq", "prev_sha256", "entry_sha256",
+    "accountant", "budget", "run_id", "adapter_sha256", "seq", "prev_sha256", "entry_sha256",
+    "dp", "rng", "policy_sha256",  # no "users": a client's user count is not released (issue 13)
+    "signature", "signer",  # every line is signed with the institution's own key
 }
+EVAL_KEYS = LEDGER_KEYS | {"split", "prior_sha256"}  # a DP evaluation release's line
+RELEASES = ("prior-counts", "prior-cooccurrence", "dp-sgd")  # the releases that are not evaluations
 
 
 def simulate_args(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:
@@ -107,7 +111,9 @@ def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch, cap
         assert set(m["configs"]) <= {"status", "ledger"}
         assert set(m["configs"]["status"]) == {"status", "reason", "client"}
         if "ledger" in m["configs"]:  # the release's chained ledger line: numbers and hashes only
-            assert set(m["configs"]["ledger"]) == LEDGER_KEYS
+            line = m["configs"]["ledger"]
+            assert set(line) == (EVAL_KEYS if line["mechanism"] == "dp-eval" else LEDGER_KEYS)
+            assert line["rng"] == "os-entropy" and line["dp"] is True
     trained = [m for m in seen if m["round"] >= 1 and m["arrays"]]
     assert len(trained) == 4 and all(set(m["arrays"]["arrays"]) == lora_keys for m in trained)
     assert all("ledger" in m["configs"] for m in trained)  # every release carries its ledger line
@@ -121,11 +127,13 @@ def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch, cap
         check_ledger(lines)
         assert lines == own_ledger(out, name)  # the server's copy is the client's own record
         assert lines[-1]["epsilon"] <= (1.0 if name == "client-0" else cfg.privacy.target_epsilon)
-    # round 0: the popularity and the co-occurrence release; then one line per trained round
-    assert [e["round"] for e in read_jsonl(out / "ledgers" / "client-0.jsonl")] == [0, 0]
-    assert [e["mechanism"] for e in read_jsonl(out / "ledgers" / "client-0.jsonl")] == \
-        ["prior-counts", "prior-cooccurrence"]
-    assert [e["round"] for e in read_jsonl(out / "ledgers" / "client-1.jsonl")] == [0, 0, 1, 2]
+    # round 0: the popularity and the co-occurrence release; then one DP-SGD line per trained round
+    releases = {name: [(e["round"], e["mechanism"]) for e in read_jsonl(out / "ledgers" / f"{name}.jsonl")
+                       if e["mechanism"] in RELEASES] for name in ("client-0", "client-1")}
+    prior = [(0, "prior-counts"), (0, "prior-cooccurrence")]
+    assert releases == {"client-0": prior, "client-1": [*prior, (1, "dp-sgd"), (2, "dp-sgd")]}
+    evaluations = [e for e in read_jsonl(out / "ledgers" / "client-1.jsonl") if e["mechanism"] == "dp-eval"]
+    assert [(e["round"], e["split"]) for e in evaluations] == [(1, "valid"), (2, "valid"), (2, "test"), (2, "test")]
 
     assert "<svg" in (out / "report.html").read_text()
     assert "client-0" in (out / "report.md").read_text()
@@ -160,7 +168,10 @@ def test_killed_run_resumes_with_identical_ledgers(tiny_data: Path, tmp_path: Pa
     for name, before in at_kill.items():
         after = read_jsonl(out / "ledgers" / f"{name}.jsonl")
         assert after[: len(before)] == before  # nothing lost or rewritten
-        assert [e["round"] for e in after] == [0, 0, 1, 2, 3]  # each release counted exactly once
+        assert [e["round"] for e in after if e["mechanism"] in RELEASES] == [0, 0, 1, 2, 3]  # each once
+        evaluations = [(e["round"], e["split"]) for e in after if e["mechanism"] == "dp-eval"]
+        assert evaluations[:3] == [(1, "valid"), (2, "valid"), (3, "valid")]  # each once
+        assert evaluations[3:] in ([(3, "test")] * 2, [(3, "test")])  # the blend; the LLM alone if granted
         check_ledger(after)
         assert after == own_ledger(out, name)
         assert after[-1]["epsilon"] <= 8.0 + 1e-9

@@ -119,7 +119,8 @@ NODE_KEYS = {
     "deterministic": "deterministic",
 }
 # node-config keys that are the client's other settings, not its policy
-OTHER_NODE_KEYS = ("client-name", "state-dir", "data", "cache-dir", "partition-id", "num-partitions")
+OTHER_NODE_KEYS = ("client-name", "state-dir", "data", "cache-dir", "partition-id", "num-partitions",
+                   "fedrec-version")  # the version pin: checked by client/app.py
 
 
 def policy_from_settings(settings: Mapping[str, Any], *, where: str,

@@ -135,7 +135,7 @@ class StepItems:
 
     frozen: torch.Tensor  # (I, H) item states without the adapter effect
     inputs: torch.Tensor  # (I, D_in) the adapted module's inputs
-    center: torch.Tensor  # (H,) the catalogue mean of the current states (public; no gradient)
+    center: torch.Tensor  # (H,) sampled softmax: the catalogue mean of the current states (no gradient)
     negatives: torch.Tensor | None  # (K,) item indices; None: the whole catalogue (full softmax)
     log_kq: torch.Tensor  # (K,) log(K·Q_i) of each negative, Q the sampling distribution
     blocked: torch.Tensor | None = None  # (I,) bool: items outside training (cold-start protocol)
@@ -146,10 +146,10 @@ def step_items(encoder: ItemEncoder, catalogue: Catalogue, frozen: torch.Tensor,
                proposal: torch.Tensor | None = None, blocked: torch.Tensor | None = None) -> StepItems:
     """`proposal` (I,): the distribution the negatives were drawn from (None: uniform)."""
     inputs = catalogue.inputs.to(encoder.device)
+    if negatives is None:  # full softmax: the centre is taken inside the graph (_full_softmax_losses)
+        return StepItems(frozen, inputs, torch.zeros(frozen.shape[1]), None, torch.zeros(0), blocked)
     with torch.no_grad():
         center = encoder.adapted_states(frozen, inputs, params).mean(dim=0)
-    if negatives is None:
-        return StepItems(frozen, inputs, center, None, torch.zeros(0), blocked)
     k = negatives.numel()
     q = proposal[negatives] if proposal is not None else torch.full((k,), 1.0 / frozen.shape[0])
     return StepItems(frozen, inputs, center, negatives, torch.log(k * q.double()).float(), blocked)

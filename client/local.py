@@ -357,11 +357,8 @@ class ClientJob:
 
     def _prior_counts(self, req: RoundRequest) -> Outcome:
         state = self.state()
-        if (replayed := self._replay(state, req, "prior")) is not None:
-            return replayed
-        conflict = self._pinned_conflict(state) or check_prior(self.policy, self.cfg, client=self.local.name)
-        if conflict:
-            return self._refuse(state, STATUS_POLICY, conflict)
+        if (answered := self._prior_answered(state, req, "prior")) is not None:
+            return answered
         clip = self.policy.prior_clip_norm
         try:
             sigma = self.prior_plan().popularity_sigma
@@ -386,11 +383,8 @@ class ClientJob:
 
     def _cooccurrence(self, req: RoundRequest, head: np.ndarray) -> Outcome:
         state = self.state()
-        if (replayed := self._replay(state, req, "cooccurrence")) is not None:
-            return replayed
-        conflict = self._pinned_conflict(state) or check_prior(self.policy, self.cfg, client=self.local.name)
-        if conflict:
-            return self._refuse(state, STATUS_POLICY, conflict)
+        if (answered := self._prior_answered(state, req, "cooccurrence")) is not None:
+            return answered
         num_items, limit = len(self.dataset.item_ids), 4 * self.cfg.prior.head_size
         head = np.asarray(head, dtype=np.int64)
         if head.ndim != 1 or not 0 < head.size <= min(num_items, limit) or head.min() < 0 \
@@ -413,6 +407,13 @@ class ClientJob:
                                     rng=rng)
         tensors = {"cooccurrence": torch.from_numpy(matrix.astype(np.float32))}
         return self._release(state, req, "cooccurrence", MECHANISM_COOCCURRENCE, step, clip, rng, tensors)
+
+    def _prior_answered(self, state: ClientState, req: RoundRequest, kind: str) -> Outcome | None:
+        """A prior release already made (re-sent) or one the policy refuses; None: go ahead."""
+        if (replayed := self._replay(state, req, kind)) is not None:
+            return replayed
+        conflict = self._pinned_conflict(state) or check_prior(self.policy, self.cfg, client=self.local.name)
+        return self._refuse(state, STATUS_POLICY, conflict) if conflict else None
 
     def _contributions(self) -> list[np.ndarray]:
         return user_items([self.split.train[u] for u in self.users], num_items=len(self.dataset.item_ids))

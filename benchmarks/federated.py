@@ -2,7 +2,13 @@
 
     python benchmarks/federated.py [--parts privacy,local,scale,noise] [--eps 8,4,1]
                                    [--variants lora,ffa] [--set key=value ...] [--label TEXT]
+                                   [--seeds 3] [--config simulations/configs/X.toml]
                                    [--scale-clients 10,100] [--scale-users 400]
+
+`--seeds N` runs each privacy/local row N times (train.seed = 0, 1, ...; every private release
+draws fresh OS entropy, so the runs are independent noise draws) and stores the mean of every
+metric, `ndcg@10_sd`, `seeds` and `per_seed`, as benchmarks/central_bench.py does. `--config`
+runs a preset; its rows are named `<method>-<preset stem>` (e.g. `fed-dp-lora-eps8-movielens-institutions`).
 
 Parts (each writes its rows into results/federated.json as soon as it finishes, replacing rows
 of the same method, so a long sweep can be stopped and resumed):
@@ -35,6 +41,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +111,25 @@ def base_row(cfg: Config, method: str, metrics: dict[str, float], **extra: Any) 
     }
 
 
-def run_privacy(overrides: list[str], eps: float, variant: str, sources: Sources, tmp: Path) -> list[dict]:
-    cfg = load_config(None, [*overrides, f"privacy.target_epsilon={eps}", f"lora.variant=\"{variant}\""])
+def over_seeds(run: Callable[[list[str]], list[dict]], overrides: list[str], seeds: int,
+               preset: Path | None) -> list[dict]:
+    """`run` once per seed, rows summarised over the seeds (mean, sd, per seed), named for the preset."""
+    from central_bench import summarise  # benchmarks/ is this script's directory
+
+    runs = [run([*overrides, f"train.seed={seed}"]) for seed in range(seeds)]
+    rows = summarise(runs, "")
+    if preset is not None:
+        for row in rows:
+            method = row["method"]
+            row["method"] = (f"{method.removesuffix('-llm-only')}-{preset.stem}-llm-only"
+                             if method.endswith("-llm-only") else f"{method}-{preset.stem}")
+            row["preset"] = str(preset)
+    return rows
+
+
+def run_privacy(overrides: list[str], eps: float, variant: str, sources: Sources, tmp: Path,
+                preset: Path | None = None) -> list[dict]:
+    cfg = load_config(preset, [*overrides, f"privacy.target_epsilon={eps}", f"lora.variant=\"{variant}\""])
     out = tmp / f"fed-{variant}-{eps:g}"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -133,9 +157,10 @@ def run_privacy(overrides: list[str], eps: float, variant: str, sources: Sources
     return rows
 
 
-def run_local(overrides: list[str], eps: float, sources: Sources, tmp: Path) -> list[dict]:
+def run_local(overrides: list[str], eps: float, sources: Sources, tmp: Path,
+              preset: Path | None = None) -> list[dict]:
     """Each client alone: its own rounds of DP training, its own prior, its own β (on its valid)."""
-    cfg = load_config(None, [*overrides, f"privacy.target_epsilon={eps}"])
+    cfg = load_config(preset, [*overrides, f"privacy.target_epsilon={eps}"])
     dataset, split = load_split(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
     clients = simulated_clients(cfg, dataset, split)
     loaded = build_recommender(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
@@ -158,7 +183,9 @@ def run_local(overrides: list[str], eps: float, sources: Sources, tmp: Path) -> 
             head = head_items(counts, cfg.prior.head_size)
             cooc = job.cooccurrence(req, head).tensors["cooccurrence"].numpy().astype("float64") \
                 if cfg.prior.cooccurrence else None
-            prior = CollaborativePrior(counts, head if cooc is not None else head[:0], cooc)
+            noise = (job.prior_plan().cooccurrence_sigma or 0.0) * job.policy.prior_clip_norm
+            prior = CollaborativePrior(counts, head if cooc is not None else head[:0], cooc,
+                                       noise if cooc is not None else 0.0)
         current = dict(trainable)
         for rnd in range(1, cfg.fed.rounds + 1):
             out = job.train(current, RoundRequest("local", rnd, cfg.fed.rounds, cfg.fed.local_epochs,
@@ -264,6 +291,8 @@ def main() -> None:
     parser.add_argument("--variants", default="lora,ffa")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--label", default="full size (defaults: all 943 users)")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per privacy/local row (mean ± sd)")
+    parser.add_argument("--config", type=Path, default=None, help="a preset (simulations/configs/*.toml)")
     parser.add_argument("--scale-clients", default="10,100", help="client counts of the scale part")
     parser.add_argument("--scale-users", type=int, default=400, help="users in all, for the scale part")
     args = parser.parse_args()
@@ -282,13 +311,22 @@ def main() -> None:
         save_rows(noise_rows(), "noise", meta)
     for i, eps in enumerate(eps_list):
         variants = args.variants.split(",")
+
+        def privacy(variant: str, eps: float = eps) -> list[dict]:
+            return over_seeds(lambda o: run_privacy(o, eps, variant, sources, tmp, args.config),
+                              args.overrides, args.seeds, args.config)
+
+        def local(eps: float = eps) -> list[dict]:
+            return over_seeds(lambda o: run_local(o, eps, sources, tmp, args.config), args.overrides,
+                              args.seeds, args.config)
+
         if "privacy" in parts:
-            save_rows(run_privacy(args.overrides, eps, variants[0], sources, tmp), "rows", meta)
+            save_rows(privacy(variants[0]), "rows", meta)
         if "local" in parts:
-            save_rows(run_local(args.overrides, eps, sources, tmp), "rows", meta)
+            save_rows(local(), "rows", meta)
         if "privacy" in parts:
             for variant in variants[1:]:
-                save_rows(run_privacy(args.overrides, eps, variant, sources, tmp), "rows", meta)
+                save_rows(privacy(variant), "rows", meta)
         if "scale" in parts and i == 0:  # after the headline rows, before the rest of the sweep
             for n in (int(c) for c in args.scale_clients.split(",")):  # each row saved when done
                 save_rows([run_scale(args.overrides, n, args.scale_users, sources, tmp)], "scale_rows", meta)

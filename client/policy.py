@@ -52,7 +52,7 @@ class Policy:
     max_steps_per_round: int = 1000
     allow_prior: bool = True  # release the private item counts (round 0)
     prior_clip_norm: float = 1.0
-    prior_budget_share: float = 0.75  # the prior releases alone cost this share of ε
+    prior_budget_share: float = 0.85  # the prior releases alone cost this share of ε
     evaluation: str = "dp"  # dp: metrics under the Gaussian mechanism, charged | off: none leave
     eval_ks: tuple[int, ...] = (10,)  # the only cut-offs this client evaluates
     eval_betas: tuple[float, ...] = BLEND_WEIGHTS  # the only blend weights it evaluates

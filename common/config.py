@@ -138,7 +138,7 @@ class PriorConfig:
     # alone cost budget_share · ε (popularity_share of it for popularity, the rest co-occurrence);
     # DP-SGD's σ is then calibrated for the whole ε (RDP composition is sublinear). A fixed
     # noise_multiplier (σ of the two releases combined) overrides the share.
-    budget_share: float = 0.75
+    budget_share: float = 0.85
     popularity_share: float = 0.3
     clip_norm: float = 1.0  # per-user bound: popularity L2 norm, co-occurrence Frobenius norm
     noise_multiplier: float | None = None

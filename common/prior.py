@@ -13,8 +13,12 @@ accountant and ledger as one-step, q = 1 mechanisms:
 
 Scoring (joint DP: a user's own history is used only for that user's ranking, at ranking time):
 cosine similarity of the noisy co-occurrence with shrinkage, summed over the user's head history
-items and divided by √(history length), plus β·log(1 + noisy popularity). Weights are chosen on
-validation users.
+items and divided by √(history length), plus β·log(1 + noisy popularity). The shrinkage grows with
+the release's noise: max(shrink, NOISE_SHRINK·s), s the per-entry noise std of the (summed)
+release, which is public (σ·clip of each party, in the ledgers), so it is post-processing. Measured
+on MovieLens-100K validation users (3 noise draws each at ε = 8, 4, 1 and 3 parties at ε = 8),
+a fixed shrink of 5 was right only at ε = 8; 8·s was within noise of the best fixed value at
+every level (benchmarks/README.md).
 
 Memory and bytes: popularity is one float32 per item (4 B·I); co-occurrence is M(M+1)/2 float32
 for a head of M items (M = 300: 180 kB on the wire; 1,000: 2 MB). The head caps the cost
@@ -42,6 +46,7 @@ MECHANISM_COOCCURRENCE = "prior-cooccurrence"
 PRIOR_FILE = "prior.safetensors"  # popularity, head and co-occurrence of a run, float32 / int64
 # β values tried for the popularity term and weights tried for the blend, on validation users
 PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+NOISE_SHRINK = 8.0  # cosine shrinkage per unit of the release's per-entry noise std (see the top)
 
 
 # --- contributions ---------------------------------------------------------------------------
@@ -215,21 +220,28 @@ class CollaborativePrior:
     popularity: np.ndarray  # (I,) noisy counts
     head: np.ndarray  # (M,) item indices, sorted
     cooccurrence: np.ndarray | None  # (M, M) symmetric noisy co-occurrence, None: popularity only
+    noise_std: float = 0.0  # per-entry std of the co-occurrence noise (√Σ (σ·clip)² over parties)
 
     def __post_init__(self) -> None:
         validate_prior(self.popularity, self.head, self.cooccurrence)
+        if not _real(self.noise_std) or not 0 <= self.noise_std < math.inf:
+            raise DataError(f"noise_std={self.noise_std!r} must be a finite number >= 0")
+
+    def shrinkage(self, shrink: float) -> float:
+        """The cosine shrinkage used: `shrink`, raised to NOISE_SHRINK·noise_std for noisy releases."""
+        return max(shrink, NOISE_SHRINK * self.noise_std)
 
     @property
     def num_items(self) -> int:
         return len(self.popularity)
 
     def similarity(self, *, shrink: float) -> np.ndarray:
-        """(M, M) cosine of the noisy co-occurrence with shrinkage; the diagonal set to 0."""
+        """(M, M) cosine of the noisy co-occurrence with shrinkage (`shrinkage`); the diagonal set to 0."""
         if self.cooccurrence is None:
             return np.zeros((0, 0))
         c = self.cooccurrence
         diag = np.clip(np.diag(c), 1e-9, None)
-        sim = c / (np.sqrt(np.outer(diag, diag)) + shrink)
+        sim = c / (np.sqrt(np.outer(diag, diag)) + self.shrinkage(shrink))
         np.fill_diagonal(sim, 0.0)
         return sim
 
@@ -269,6 +281,7 @@ class CollaborativePrior:
                                       "head": self.head.astype(np.int64)}
         if self.cooccurrence is not None:
             out["cooccurrence"] = self.cooccurrence.astype(np.float32)
+            out["noise_std"] = np.array([self.noise_std], dtype=np.float32)
         return out
 
     @classmethod
@@ -278,8 +291,11 @@ class CollaborativePrior:
         pop = np.asarray(tensors["popularity"], dtype=np.float64)
         head = np.asarray(tensors.get("head", np.empty(0, np.int64)), dtype=np.int64)
         co = tensors.get("cooccurrence")
+        noise = np.asarray(tensors.get("noise_std", np.zeros(1)), dtype=np.float64)  # absent: older runs
+        if noise.shape != (1,):
+            raise DataError(f"{source}: noise_std has shape {noise.shape}, expected (1,)")
         try:
-            return cls(pop, head, None if co is None else np.asarray(co, dtype=np.float64))
+            return cls(pop, head, None if co is None else np.asarray(co, dtype=np.float64), float(noise[0]))
         except DataError as exc:
             raise DataError(f"{source}: {exc}") from None
 
@@ -360,4 +376,4 @@ def private_prior(
     head = head_items(pop, head_size)
     co = noisy_cooccurrence(contributions, head=head, clip=clip, noise_multiplier=plan.cooccurrence_sigma,
                             rng=rng)
-    return CollaborativePrior(pop, head, co)
+    return CollaborativePrior(pop, head, co, plan.cooccurrence_sigma * clip)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 import uuid
@@ -248,7 +249,7 @@ def _prior_release(grid: Grid, cfg: Config, state: ServerState,
     config = ConfigRecord({"run-id": state.run_id, "server-round": 0, "num-rounds": cfg.fed.rounds,
                            "local-epochs": cfg.fed.local_epochs, "lr": cfg.train.lr})
     replies = _query(grid, cfg, num_clients, "query.prior", RecordDict({"config": config}), state.identities)
-    popularity = _sum_releases(replies, "counts", MECHANISM_POPULARITY, state, cfg)
+    popularity, _ = _sum_releases(replies, "counts", MECHANISM_POPULARITY, state, cfg)
     if popularity is None:
         return None
     head = head_items(popularity, cfg.prior.head_size)
@@ -257,9 +258,9 @@ def _prior_release(grid: Grid, cfg: Config, state: ServerState,
     content = RecordDict({"config": config,
                           "head": ArrayRecord(torch_state_dict={"head": torch.from_numpy(head)})})
     replies = _query(grid, cfg, num_clients, "query.cooccurrence", content, state.identities)
-    matrix = _sum_releases(replies, "cooccurrence", MECHANISM_COOCCURRENCE, state, cfg,
-                           shape=(len(head),) * 2)
-    return CollaborativePrior(popularity, head, matrix) if matrix is not None else \
+    matrix, noise_std = _sum_releases(replies, "cooccurrence", MECHANISM_COOCCURRENCE, state, cfg,
+                                      shape=(len(head),) * 2)
+    return CollaborativePrior(popularity, head, matrix, noise_std) if matrix is not None else \
         CollaborativePrior(popularity, np.empty(0, np.int64), None)
 
 
@@ -273,9 +274,11 @@ def _query(grid: Grid, cfg: Config, num_clients: int, message_type: str, content
 
 
 def _sum_releases(replies: Sequence[Reply], key: str, mechanism: str, state: ServerState, cfg: Config,
-                  shape: tuple[int, ...] | None = None) -> np.ndarray | None:
-    """Σ over clients of one released statistic; a reply of the wrong shape or non-finite is dropped."""
+                  shape: tuple[int, ...] | None = None) -> tuple[np.ndarray | None, float]:
+    """Σ over clients of one released statistic, and the per-entry std of its noise (√Σ (σ·clip)²,
+    from the ledger lines); a reply of the wrong shape or non-finite is dropped."""
     total: np.ndarray | None = None
+    variance = 0.0
     for r in replies:
         if r.status != "ok":
             log.warning("%s release: %s %s: %s", mechanism, r.client, r.status, r.reason)
@@ -289,8 +292,19 @@ def _sum_releases(replies: Sequence[Reply], key: str, mechanism: str, state: Ser
             log.warning("%s release: %s failed: %s; left out of the sum", mechanism, r.client, problem)
             continue
         total = array if total is None else total + array
+        variance += _noise_std(line) ** 2
         state.ledgers.setdefault(r.client, []).append(line)
-    return total
+    return total, math.sqrt(variance)
+
+
+def _noise_std(line: Mapping[str, Any]) -> float:
+    """σ·clip of a release from its ledger line (0 when the line does not say: only the scorer's
+    shrinkage depends on it, not any privacy claim)."""
+    try:
+        std = float(line["noise_multiplier"]) * float(line["clip_norm"])
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    return std if math.isfinite(std) and std >= 0 else 0.0
 
 
 def prior_record(prior: CollaborativePrior) -> ArrayRecord:

@@ -449,7 +449,7 @@ def _prior(run: RunArtifacts, num_items: int) -> tuple[CollaborativePrior | None
         log.info("%d catalogue items are newer than the run: no collaborative prior for them",
                  num_items - prior.num_items)
         prior = CollaborativePrior(np.concatenate([prior.popularity, np.zeros(num_items - prior.num_items)]),
-                                   prior.head, prior.cooccurrence)
+                                   prior.head, prior.cooccurrence, prior.noise_std)
     return prior, float(weight)
 
 

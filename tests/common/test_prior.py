@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from fedrec.common.errors import ConfigError, DataError, PrivacyError
 from fedrec.common.prior import (
+    NOISE_SHRINK,
     CollaborativePrior,
     cooccurrence_sum,
     exact_prior,
@@ -177,6 +178,23 @@ def test_cf_score_is_the_shrunk_cosine_summed_over_the_history() -> None:
     assert history_matrix([[0, 0, 7]], prior.head).tolist() == [[1 / math.sqrt(2), 0, 0, 0]]
 
 
+def test_the_shrinkage_grows_with_the_noise_of_the_release() -> None:
+    exact = exact_prior([[0, 1], [0, 1, 2], [2, 3]], num_items=5, head_size=4)
+    noisy = CollaborativePrior(exact.popularity, exact.head, exact.cooccurrence, noise_std=2.0)
+    c = exact.cooccurrence
+
+    assert exact.shrinkage(1.0) == 1.0 and noisy.shrinkage(1.0) == NOISE_SHRINK * 2.0
+    assert noisy.shrinkage(100.0) == 100.0  # never below the configured shrink
+    assert noisy.similarity(shrink=1.0)[0, 1] == pytest.approx(c[0, 1] / (math.sqrt(c[0, 0] * c[1, 1])
+                                                                          + NOISE_SHRINK * 2.0))
+    plan = plan_releases(epsilon=4.0, delta=1e-5, share=1.0, popularity_share=0.3, cooccurrence=True)
+    released = private_prior([[0, 1], [1, 2]], num_items=4, plan=plan, head_size=3, clip=0.5,
+                             rng=np.random.default_rng(0))
+    assert released.noise_std == pytest.approx(plan.cooccurrence_sigma * 0.5)
+    with pytest.raises(DataError, match="noise_std"):
+        CollaborativePrior(exact.popularity, exact.head, exact.cooccurrence, noise_std=float("nan"))
+
+
 def test_dp_cooccurrence_beats_popularity_on_a_structured_population() -> None:
     # two taste groups: each user holds most of their group's 10 items; one item is held out
     rng = np.random.default_rng(0)
@@ -208,6 +226,11 @@ def test_prior_round_trips_through_its_file(tmp_path) -> None:
 
     assert np.allclose(loaded.popularity, prior.popularity) and loaded.head.tolist() == prior.head.tolist()
     assert np.allclose(loaded.cooccurrence, prior.cooccurrence)
+    noisy = CollaborativePrior(prior.popularity, prior.head, prior.cooccurrence, noise_std=1.5)
+    save_prior(tmp_path / "noisy", noisy)
+    assert load_prior(tmp_path / "noisy" / "prior.safetensors").noise_std == pytest.approx(1.5)
+    older = {k: v for k, v in noisy.tensors().items() if k != "noise_std"}  # a file from before it existed
+    assert CollaborativePrior.from_tensors(older, source="old").noise_std == 0.0
 
 
 @pytest.mark.parametrize(("popularity", "head", "cooc", "match"), [

@@ -4,6 +4,8 @@ misshapen or unbounded releases and invalid evaluation metrics."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -112,20 +114,31 @@ def test_nan_infinite_or_huge_counts_are_left_out_of_the_sum(poison: float) -> N
     honest = torch.tensor([3.0, 1.0, 0.5])
     bad = torch.tensor([poison, 0.0, 0.0])
 
-    total = server_app._sum_releases([prior_reply("a", 1, honest), prior_reply("b", 2, bad)], "counts",
-                                     "prior-counts", state, load_config(None, []))
+    total, noise_std = server_app._sum_releases([prior_reply("a", 1, honest), prior_reply("b", 2, bad)],
+                                                "counts", "prior-counts", state, load_config(None, []))
 
     assert total is not None and np.allclose(total, honest.numpy())
     assert set(state.ledgers) == {"a"}  # the rejected release is not summed nor recorded as used
+    assert noise_std == pytest.approx(2.0)  # σ·clip of the one release summed, not of the rejected
+
+
+def test_the_sum_carries_the_noise_std_of_the_releases_in_it() -> None:
+    from fedrec.common.config import load_config
+
+    state = server_app.ServerState(run_id="abc")
+    _, noise_std = server_app._sum_releases([prior_reply(c, n, torch.ones(3)) for n, c in enumerate("abc", 1)],
+                                            "counts", "prior-counts", state, load_config(None, []))
+
+    assert noise_std == pytest.approx(2.0 * math.sqrt(3))  # independent Gaussians: variances add
 
 
 def test_counts_of_the_wrong_shape_are_left_out() -> None:
     from fedrec.common.config import load_config
 
     state = server_app.ServerState(run_id="abc")
-    total = server_app._sum_releases([prior_reply("a", 1, torch.ones(3)), prior_reply("b", 2, torch.ones(4)),
-                                      prior_reply("c", 3, torch.ones(3, 1))], "counts", "prior-counts", state,
-                                     load_config(None, []))
+    total, _ = server_app._sum_releases([prior_reply("a", 1, torch.ones(3)), prior_reply("b", 2, torch.ones(4)),
+                                         prior_reply("c", 3, torch.ones(3, 1))], "counts", "prior-counts", state,
+                                        load_config(None, []))
 
     assert total is not None and total.shape == (3,) and set(state.ledgers) == {"a"}
 

@@ -242,8 +242,6 @@ def _restart_missing_nodes(federation) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="fails since the policy/recommender merge (DP-noised evaluations of a rejoining "
-                   "node); not diagnosed before the session stopped: see the closing note", strict=False)
 def test_killed_supernode_and_restarted_superlink_lose_nothing(make_federation, tmp_path: Path) -> None:
     fed = make_federation()
     fed.start_superlink()

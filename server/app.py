@@ -367,6 +367,12 @@ def _best(evaluation: Mapping[str, Any], key: str) -> tuple[int, float]:
     return i, float(values[i])
 
 
+def test_weights(weight: float) -> list[float]:
+    """The blend weights of the test evaluation: the chosen w, then CF alone (w = 0); w = 0 is
+    asked once (a client refuses a repeated weight, which left the test metrics empty)."""
+    return [weight, 0.0] if weight != 0.0 else [0.0]
+
+
 def _finish(
     run: RunDir, grid: Grid, cfg: Config, state: ServerState, current: Mapping[str, torch.Tensor],
     initial: Mapping[str, torch.Tensor], num_clients: int,
@@ -378,13 +384,13 @@ def _finish(
     i, _ = _best(last_valid, key)
     weight = float(last_valid["betas"][i]) if last_valid["betas"] else 0.0
     if state.prior is not None:  # the blend and CF alone (w = 0) in one pass, then the LLM alone
-        test = _evaluate(grid, cfg, current, state, which="test", num_clients=num_clients, betas=[weight,
-                                                                                                  0.0])
+        test = _evaluate(grid, cfg, current, state, which="test", num_clients=num_clients,
+                         betas=test_weights(weight))
         alone = _evaluate(grid, cfg, current, replace(state, prior=None), which="test",
                           num_clients=num_clients)
         final: dict[str, Any] = {
             "test": {k: v[0] for k, v in test["metrics"].items()},
-            "test_cf_only": {k: v[1] for k, v in test["metrics"].items()},
+            "test_cf_only": {k: v[-1] for k, v in test["metrics"].items()},
             "test_llm_only": {k: v[0] for k, v in alone["metrics"].items()},
             "blend_weight": weight, "cf": {"beta": cfg.prior.beta, "shrink": cfg.prior.shrink},
         }

@@ -158,3 +158,13 @@ def test_the_release_bound_follows_the_clients_ledger_line() -> None:
     assert check_release(np.full(3, 49.0), key="counts", shape=(3,), line=line) is None
     assert "|value|" in check_release(np.full(3, 61.0), key="counts", shape=(3,), line=line)  # > 0.5·(100+20)
     assert "ledger line" in check_release(np.ones(3), key="counts", shape=(3,), line=None)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 16.0])
+def test_the_test_evaluation_asks_weights_every_client_policy_accepts(weight: float) -> None:
+    from fedrec.client.policy import Policy, check_evaluation
+
+    weights = server_app.test_weights(weight)
+
+    assert weights[0] == weight and weights[-1] == 0.0  # the blend first, CF alone last
+    assert check_evaluation(Policy(epsilon_budget=8.0), client="a", ks=None, betas=tuple(weights)) is None

@@ -49,8 +49,8 @@ import psutil
 from fedrec.client.local import ClientJob, LocalSettings, RoundRequest, load_split, simulated_clients
 from fedrec.common.assets import default_cache_dir
 from fedrec.common.config import Config, load_config
-from fedrec.common.evaluation import BLEND_WEIGHTS
-from fedrec.common.prior import CollaborativePrior, head_items, plan_releases
+from fedrec.common.evaluation import BLEND_WEIGHTS, CFSettings
+from fedrec.common.prior import PRIOR_FILE, CollaborativePrior, head_items, load_prior, plan_releases
 from fedrec.common.privacy import calibrate_noise, default_delta
 from fedrec.common.recommender import build_recommender
 from fedrec.common.rundir import read_jsonl
@@ -127,6 +127,31 @@ def over_seeds(run: Callable[[list[str]], list[dict]], overrides: list[str], see
     return rows
 
 
+def exact_test(cfg: Config, sources: Sources, adapter: dict[str, Any], prior: CollaborativePrior | None,
+               weight: float, users: list[str] | None = None) -> tuple[dict[str, float], ...]:
+    """(blend, CF alone, LLM alone) test metrics computed exactly, centrally, from a run's final
+    adapter, prior and blend weight — a measurement the simulation can make because it holds
+    every client's data; the run's own test metrics are DP-noised by the clients (their policy) and
+    too noisy to compare methods with (their noise is sized for the institutions' budgets)."""
+    from fedrec.common.evaluation import eval_users, evaluate
+    from fedrec.common.lora import load_adapter
+    from fedrec.common.recommender import catalogue_cached
+    from fedrec.simulations.central import blend, catalogue_vectors, cf_scores, llm_scores
+
+    dataset, split = load_split(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
+    loaded = build_recommender(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
+    load_adapter(loaded.model, {**loaded.initial_adapter, **adapter}, source="the run's final adapter")
+    catalogue = catalogue_cached(loaded.encoder, dataset.item_texts, cache_dir=sources.cache_dir,
+                                 model_fingerprint=loaded.base.fingerprint, batch_size=cfg.eval.batch_size)
+    who = eval_users(split, which="test", users=users)
+    llm = llm_scores(catalogue_vectors(loaded.encoder, catalogue), who.histories, window=cfg.data.max_history)
+    settings = CFSettings(beta=cfg.prior.beta, shrink=cfg.prior.shrink)
+    cf = cf_scores(prior, who.histories, len(dataset.item_ids), settings)
+    ks = cfg.eval.ks
+    return (evaluate(blend(cf, llm, weight), who, ks=ks), evaluate(cf, who, ks=ks), evaluate(llm, who, ks=ks),
+            {"users": float(len(who.user_ids))})
+
+
 def run_privacy(overrides: list[str], eps: float, variant: str, sources: Sources, tmp: Path,
                 preset: Path | None = None) -> list[dict]:
     cfg = load_config(preset, [*overrides, f"privacy.target_epsilon={eps}", f"lora.variant=\"{variant}\""])
@@ -148,12 +173,19 @@ def run_privacy(overrides: list[str], eps: float, variant: str, sources: Sources
         "train_seconds": round(wall, 1), "blend_weight": final["blend_weight"],
     }
     name = f"fed-dp-{variant}-eps{eps:g}"
-    rows = [base_row(cfg, name, final["test"], **extra)]
-    if "test_cf_only" in final:
-        rows[0]["cf_only_ndcg@10"] = round(final["test_cf_only"][f"ndcg@{cfg.eval.ks[0]}"], 5)
+    from safetensors.torch import load_file
+
+    prior = load_prior(out / "final" / PRIOR_FILE) if (out / "final" / PRIOR_FILE).is_file() else None
+    weight = float(final["blend_weight"] or 0.0)
+    adapter = load_file(str(out / "final" / "adapter.safetensors"))
+    fused, cf, llm, who = exact_test(cfg, sources, adapter, prior, weight)
+    extra["users"] = int(who["users"])
+    extra["noised_test_ndcg@10"] = round(final["test"].get(f"ndcg@{cfg.eval.ks[0]}", float("nan")), 5)
+    rows = [base_row(cfg, name, fused if prior is not None else llm, **extra)]
+    if prior is not None:
+        rows[0]["cf_only_ndcg@10"] = round(cf[f"ndcg@{cfg.eval.ks[0]}"], 5)
         rows[0]["llm_contribution_ndcg@10"] = round(rows[0]["ndcg@10"] - rows[0]["cf_only_ndcg@10"], 5)
-    if "test_llm_only" in final:
-        rows.append(base_row(cfg, name + "-llm-only", final["test_llm_only"], **extra))
+        rows.append(base_row(cfg, name + "-llm-only", llm, **extra))
     return rows
 
 
@@ -196,16 +228,14 @@ def run_local(overrides: list[str], eps: float, sources: Sources, tmp: Path,
         valid = job.evaluate(current, which="valid", prior=prior, weights=weights).metrics
         ndcg = valid.get(f"ndcg@{cfg.eval.ks[0]}", [0.0])
         weight = weights[max(range(len(ndcg)), key=ndcg.__getitem__)] if weights else 1.0
-        test = job.evaluate(current, which="test", prior=prior, weights=[weight]).metrics
-        llm = job.evaluate(current, which="test", prior=None, weights=[]).metrics
-        test = {k: [v[0], llm[k][0]] if k.startswith(("hr@", "ndcg@", "mrr@")) else v for k,
-                v in test.items()}
-        n = test["num-examples"]
+        # its test users ranked exactly with its own adapter and prior (the DP-noised metrics a
+        # client reports are too noisy to compare methods with; see exact_test)
+        blended, _, llm, who = exact_test(cfg, sources, current, prior, weight, users=sorted(part.train))
+        n = who["users"]
         users += n
-        for key, values in test.items():
-            if key.startswith(("hr@", "ndcg@", "mrr@")):
-                fused[key] = fused.get(key, 0.0) + n * values[0]
-                alone[key] = alone.get(key, 0.0) + n * values[-1]
+        for key in blended:
+            fused[key] = fused.get(key, 0.0) + n * blended[key]
+            alone[key] = alone.get(key, 0.0) + n * llm[key]
     fused = {k: v / users for k, v in fused.items()}
     alone = {k: v / users for k, v in alone.items()}
     extra = {"epsilon": round(spent, 4), "delta": delta, "users": int(users),

@@ -367,6 +367,37 @@ def _best(evaluation: Mapping[str, Any], key: str) -> tuple[int, float]:
     return i, float(values[i])
 
 
+def validation_noise(ledgers: Mapping[str, Sequence[Mapping[str, Any]]], rnd: int,
+                     evaluation: Mapping[str, Any]) -> float:
+    """Std of the noise on one pooled validation metric of round `rnd`: each client released its
+    metric sums with N(0, (σ√d)²) per entry (client/local.py noisy_metrics; d = 1 + the number of
+    values), so the user-weighted mean carries √Σ(σ_c√d)² / users. 0 when nothing says so."""
+    values = sum(len(v) for v in evaluation.get("metrics", {}).values())
+    variance = 0.0
+    for lines in ledgers.values():
+        for line in lines:
+            if (line.get("mechanism"), line.get("split"), line.get("round")) == ("dp-eval", "valid", rnd):
+                try:
+                    variance += float(line["noise_multiplier"]) ** 2 * (1 + values)
+                except (KeyError, TypeError, ValueError):
+                    continue
+    users = float(evaluation.get("users", 0.0))
+    return math.sqrt(variance) / users if users > 0 and math.isfinite(variance) else 0.0
+
+
+def choose_weight(evaluation: Mapping[str, Any], key: str, noise: float) -> float:
+    """The blend weight with the best validation `key`, unless its lead over CF alone (w = 0) is
+    within the noise of the noisy metrics (2 std of a difference): then CF alone."""
+    values, betas = evaluation["metrics"].get(key), list(evaluation.get("betas", []))
+    if not values or not betas:
+        return 0.0
+    i = int(np.argmax(values))
+    base = values[betas.index(0.0)] if 0.0 in betas else None
+    if base is not None and values[i] - base <= 2.0 * math.sqrt(2.0) * noise:
+        return 0.0
+    return float(betas[i])
+
+
 def test_weights(weight: float) -> list[float]:
     """The blend weights of the test evaluation: the chosen w, then CF alone (w = 0); w = 0 is
     asked once (a client refuses a repeated weight, which left the test metrics empty)."""
@@ -379,10 +410,10 @@ def _finish(
 ) -> dict[str, Any]:
     """Test metrics at the blend weight chosen on the last validation, the full adapter, the report."""
     key = f"ndcg@{cfg.eval.ks[0]}"
-    evaluated = [r["valid"] for r in state.history if r["valid"]["metrics"]]
-    last_valid: dict[str, Any] = evaluated[-1] if evaluated else {"metrics": {}, "betas": []}
-    i, _ = _best(last_valid, key)
-    weight = float(last_valid["betas"][i]) if last_valid["betas"] else 0.0
+    evaluated = [r for r in state.history if r["valid"]["metrics"]]
+    last_valid: dict[str, Any] = evaluated[-1]["valid"] if evaluated else {"metrics": {}, "betas": []}
+    noise = validation_noise(state.ledgers, evaluated[-1]["round"], last_valid) if evaluated else 0.0
+    weight = choose_weight(last_valid, key, noise)
     if state.prior is not None:  # the blend and CF alone (w = 0) in one pass, then the LLM alone
         test = _evaluate(grid, cfg, current, state, which="test", num_clients=num_clients,
                          betas=test_weights(weight))

@@ -168,3 +168,15 @@ def test_the_test_evaluation_asks_weights_every_client_policy_accepts(weight: fl
 
     assert weights[0] == weight and weights[-1] == 0.0  # the blend first, CF alone last
     assert check_evaluation(Policy(epsilon_budget=8.0), client="a", ks=None, betas=tuple(weights)) is None
+
+
+def test_a_blend_weight_whose_lead_is_inside_the_evaluation_noise_is_not_taken() -> None:
+    evaluation = {"betas": [0.0, 0.5, 1.0], "users": 900.0,
+                  "metrics": {"ndcg@10": [0.05, 0.08, 0.06], "hr@10": [0.1, 0.1, 0.1], "mrr@10": [0.0, 0.0, 0.0]}}
+    lines = [{"mechanism": "dp-eval", "split": "valid", "round": 3, "noise_multiplier": 11.0}] * 3
+    noise = server_app.validation_noise({"a": lines[:1], "b": lines[1:2], "c": lines[2:]}, 3, evaluation)
+
+    assert noise == pytest.approx(math.sqrt(3 * 11.0 ** 2 * 10) / 900.0)  # d = 1 + 9 values
+    assert server_app.choose_weight(evaluation, "ndcg@10", noise) == 0.0  # +0.03 is inside ±0.1
+    assert server_app.choose_weight(evaluation, "ndcg@10", 0.0) == 0.5  # exact metrics: the best
+    assert server_app.validation_noise({"a": lines}, 2, evaluation) == 0.0  # another round's lines

@@ -127,19 +127,25 @@ def over_seeds(run: Callable[[list[str]], list[dict]], overrides: list[str], see
     return rows
 
 
+ExactTest = tuple[dict[str, float], dict[str, float], dict[str, float], int]  # blend, CF, LLM, users
+
+
 def exact_test(cfg: Config, sources: Sources, adapter: dict[str, Any], prior: CollaborativePrior | None,
-               weight: float, users: list[str] | None = None) -> tuple[dict[str, float], ...]:
+               weight: float, users: list[str] | None = None, *, loaded: Any = None,
+               data: tuple[Any, Any] | None = None) -> ExactTest:
     """(blend, CF alone, LLM alone) test metrics computed exactly, centrally, from a run's final
     adapter, prior and blend weight — a measurement the simulation can make because it holds
     every client's data; the run's own test metrics are DP-noised by the clients (their policy) and
-    too noisy to compare methods with (their noise is sized for the institutions' budgets)."""
+    too noisy to compare methods with (their noise is sized for the institutions' budgets).
+    `loaded` and `data` (dataset, split) are reused when given, loaded otherwise. Returns
+    (blend, CF alone, LLM alone, test users)."""
     from fedrec.common.evaluation import eval_users, evaluate
     from fedrec.common.lora import load_adapter
     from fedrec.common.recommender import catalogue_cached
     from fedrec.simulations.central import blend, catalogue_vectors, cf_scores, llm_scores
 
-    dataset, split = load_split(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
-    loaded = build_recommender(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
+    dataset, split = data or load_split(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
+    loaded = loaded or build_recommender(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
     load_adapter(loaded.model, {**loaded.initial_adapter, **adapter}, source="the run's final adapter")
     catalogue = catalogue_cached(loaded.encoder, dataset.item_texts, cache_dir=sources.cache_dir,
                                  model_fingerprint=loaded.base.fingerprint, batch_size=cfg.eval.batch_size)
@@ -149,7 +155,7 @@ def exact_test(cfg: Config, sources: Sources, adapter: dict[str, Any], prior: Co
     cf = cf_scores(prior, who.histories, len(dataset.item_ids), settings)
     ks = cfg.eval.ks
     return (evaluate(blend(cf, llm, weight), who, ks=ks), evaluate(cf, who, ks=ks), evaluate(llm, who, ks=ks),
-            {"users": float(len(who.user_ids))})
+            len(who.user_ids))
 
 
 def run_privacy(overrides: list[str], eps: float, variant: str, sources: Sources, tmp: Path,
@@ -178,8 +184,8 @@ def run_privacy(overrides: list[str], eps: float, variant: str, sources: Sources
     prior = load_prior(out / "final" / PRIOR_FILE) if (out / "final" / PRIOR_FILE).is_file() else None
     weight = float(final["blend_weight"] or 0.0)
     adapter = load_file(str(out / "final" / "adapter.safetensors"))
-    fused, cf, llm, who = exact_test(cfg, sources, adapter, prior, weight)
-    extra["users"] = int(who["users"])
+    fused, cf, llm, users = exact_test(cfg, sources, adapter, prior, weight)
+    extra["users"] = users
     extra["noised_test_ndcg@10"] = round(final["test"].get(f"ndcg@{cfg.eval.ks[0]}", float("nan")), 5)
     rows = [base_row(cfg, name, fused if prior is not None else llm, **extra)]
     if prior is not None:
@@ -230,8 +236,8 @@ def run_local(overrides: list[str], eps: float, sources: Sources, tmp: Path,
         weight = weights[max(range(len(ndcg)), key=ndcg.__getitem__)] if weights else 1.0
         # its test users ranked exactly with its own adapter and prior (the DP-noised metrics a
         # client reports are too noisy to compare methods with; see exact_test)
-        blended, _, llm, who = exact_test(cfg, sources, current, prior, weight, users=sorted(part.train))
-        n = who["users"]
+        blended, _, llm, n = exact_test(cfg, sources, current, prior, weight, users=sorted(part.train),
+                                        loaded=loaded, data=(dataset, split))
         users += n
         for key in blended:
             fused[key] = fused.get(key, 0.0) + n * blended[key]

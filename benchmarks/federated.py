@@ -54,6 +54,7 @@ from fedrec.common.prior import PRIOR_FILE, CollaborativePrior, head_items, load
 from fedrec.common.privacy import calibrate_noise, default_delta
 from fedrec.common.recommender import build_recommender
 from fedrec.common.rundir import read_jsonl
+from fedrec.server.app import choose_weight, validation_noise
 from fedrec.simulations.central import Sources
 from fedrec.simulations.federated import simulate
 
@@ -231,9 +232,16 @@ def run_local(overrides: list[str], eps: float, sources: Sources, tmp: Path,
             current = {**current, **out.tensors}
             spent = max(spent, out.metrics["epsilon"])
         weights = list(BLEND_WEIGHTS) if prior is not None else []
-        valid = job.evaluate(current, which="valid", prior=prior, weights=weights).metrics
-        ndcg = valid.get(f"ndcg@{cfg.eval.ks[0]}", [0.0])
-        weight = weights[max(range(len(ndcg)), key=ndcg.__getitem__)] if weights else 1.0
+        # the blend weight by the server's rule: the best DP-noised validation value, unless its
+        # lead over CF alone is inside that noise (whose std the ledger line gives)
+        outcome = job.evaluate(current, which="valid", prior=prior, weights=weights)
+        evaluation = {"metrics": {k: v for k, v in outcome.metrics.items() if isinstance(v, list)},
+                      "betas": weights, "users": float(outcome.metrics.get("num-examples", 0.0))}
+        line = dict(outcome.ledger or {})
+        noise = validation_noise({name: [line]}, line.get("round", -1), evaluation) if line else 0.0
+        weight = choose_weight(evaluation, f"ndcg@{cfg.eval.ks[0]}", noise) if weights else 1.0
+        print(json.dumps({"client": name, "blend_weight": weight, "validation_noise_std": round(noise, 4)}),
+              flush=True)
         # its test users ranked exactly with its own adapter and prior (the DP-noised metrics a
         # client reports are too noisy to compare methods with; see exact_test)
         blended, _, llm, n = exact_test(cfg, sources, current, prior, weight, users=sorted(part.train),

@@ -71,8 +71,8 @@ def _exclusion_pairs(
     return rows[keep], cols[keep]
 
 
-def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = (10,)) -> dict[str, float]:
-    """Mean HR@K, NDCG@K and MRR@K over users from their targets' 1-based ranks.
+def per_user_metrics(ranks: np.ndarray, ks: Sequence[int] = (10,)) -> dict[str, np.ndarray]:
+    """HR@K, NDCG@K and MRR@K of every user (U,) from their targets' 1-based ranks.
 
     With one relevant item, NDCG@K = 1/log2(rank + 1) and MRR@K = 1/rank when rank <= K, else 0.
     """
@@ -81,15 +81,20 @@ def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = (10,)) -> dict[str, f
         raise ValueError("no users to evaluate: ranks is empty")
     if ranks.ndim != 1 or ranks.min() < 1:
         raise ValueError("ranks must be a 1-D array of 1-based ranks")
-    out: dict[str, float] = {}
+    out: dict[str, np.ndarray] = {}
     for k in ks:
         if k < 1:
             raise ValueError(f"cut-off K={k} must be >= 1")
         hit = ranks <= k
-        out[f"hr@{k}"] = float(hit.mean())
-        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0).mean())
-        out[f"mrr@{k}"] = float(np.where(hit, 1.0 / ranks, 0.0).mean())
+        out[f"hr@{k}"] = hit.astype(np.float64)
+        out[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0)
+        out[f"mrr@{k}"] = np.where(hit, 1.0 / ranks, 0.0)
     return out
+
+
+def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = (10,)) -> dict[str, float]:
+    """Mean HR@K, NDCG@K and MRR@K over users (`per_user_metrics` averaged)."""
+    return {name: float(values.mean()) for name, values in per_user_metrics(ranks, ks).items()}
 
 
 def evaluate_scores(

@@ -30,7 +30,7 @@ import torch
 from fedrec.client.secagg import LEDGER
 from fedrec.common.config import Config, from_run_config, to_dict
 from fedrec.common.errors import AdapterError, ConfigError, DataError
-from fedrec.common.evaluation import BLEND_WEIGHTS
+from fedrec.common.evaluation import BLEND_WEIGHTS, lead_z
 from fedrec.common.lora import save_adapter, tensors_digest, validate_adapter
 from fedrec.common.prior import (
     MECHANISM_COOCCURRENCE,
@@ -387,13 +387,14 @@ def validation_noise(ledgers: Mapping[str, Sequence[Mapping[str, Any]]], rnd: in
 
 def choose_weight(evaluation: Mapping[str, Any], key: str, noise: float) -> float:
     """The blend weight with the best validation `key`, unless its lead over CF alone (w = 0) is
-    within the noise of the noisy metrics (2 std of a difference): then CF alone."""
+    within the noise of the noisy metrics (`lead_z` std of a difference of two noisy means, the
+    same rule as the central baselines'): then CF alone."""
     values, betas = evaluation["metrics"].get(key), list(evaluation.get("betas", []))
     if not values or not betas:
         return 0.0
     i = int(np.argmax(values))
     base = values[betas.index(0.0)] if 0.0 in betas else None
-    if base is not None and values[i] - base <= 2.0 * math.sqrt(2.0) * noise:
+    if base is not None and values[i] - base <= lead_z(betas) * math.sqrt(2.0) * noise:
         return 0.0
     return float(betas[i])
 

@@ -25,13 +25,12 @@ from fedrec.common.evaluation import (
     BLEND_WEIGHTS,
     CFSettings,
     EvalUsers,
-    best_weight,
     blend,
     catalogue_vectors,
     cf_scores,
+    choose_weight,
     eval_users,
     evaluate,
-    evaluate_blends,
     llm_scores,
 )
 from fedrec.common.lora import adapter_state, load_adapter, save_adapter
@@ -330,16 +329,19 @@ def _fused_rows(ctx: Context, method: str, prior: CollaborativePrior | None, *, 
     key = f"ndcg@{cfg.eval.ks[0]}"
     weights = BLEND_WEIGHTS if cfg.prior.tune_weight else (cfg.prior.weight,)
     cf_valid = cf_scores(prior, ctx.valid.histories, ctx.num_items, ctx.cf)
-    per_weight = evaluate_blends(cf_valid, llm_scores(vectors, ctx.valid.histories, window=window), ctx.valid,
-                                 weights=weights, ks=cfg.eval.ks)
-    weight = best_weight(per_weight, weights, key)
-    log.info("blend weight w=%s (validation %s by w: %s)", weight, key,
-             {w: round(m[key], 4) for w, m in zip(weights, per_weight, strict=True)})
+    choice = choose_weight(cf_valid, llm_scores(vectors, ctx.valid.histories, window=window), ctx.valid,
+                           weights=weights, key=key, ks=cfg.eval.ks)
+    weight = choice.weight if cfg.prior.tune_weight else cfg.prior.weight  # a fixed weight is taken as set
+    log.info("blend weight w=%s (validation %s lead over CF alone ± standard error, by w: %s)", weight, key,
+             {w: f"{lead:+.4f}±{se:.4f}" for w, lead, se in zip(weights, choice.leads, choice.standard_errors,
+                                                                 strict=True)})
     cf_test = cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf)
     fused = evaluate(blend(cf_test, llm_test, weight), ctx.test, ks=cfg.eval.ks)
     cf_only = evaluate(cf_test, ctx.test, ks=cfg.eval.ks)
     ctx.run.write_json(f"{method}/final/metrics.json", {
         "test": fused, "test_llm_only": alone, "test_cf_only": cf_only, "blend_weight": weight,
+        "validation": {"weights": list(weights), "metrics": list(choice.metrics), "leads": list(choice.leads),
+                       "standard_errors": list(choice.standard_errors)},
         "cf": {"beta": cfg.prior.beta, "shrink": cfg.prior.shrink},
     })
     save_prior(ctx.run.root / method / "final", prior)  # what `fedrec serve` ranks with

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from fedrec.cli import main
+from fedrec.common.evaluation import lead_z
 from fedrec.common.privacy import MechanismStep, epsilon
 from fedrec.common.rundir import read_jsonl
 
@@ -42,6 +43,14 @@ def test_train_central_writes_a_complete_run(tmp_path: Path, tiny_data: Path, ti
     fused = rows["central-dp-lora"]  # the blend keeps CF alone and the LLM's contribution beside it
     assert fused["llm_contribution_ndcg@10"] == pytest.approx(fused["ndcg@10"] - fused["cf_only_ndcg@10"], abs=2e-5)
     assert rows["dp-cooccurrence"]["epsilon"] <= 4.0 + 1e-6
+    # the blend weight is recorded with the validation leads it was chosen from, by the noise rule
+    metrics = json.loads((out / "central-dp-lora" / "final" / "metrics.json").read_text())
+    valid, weight = metrics["validation"], metrics["blend_weight"]
+    z = lead_z(valid["weights"])
+    outside = [w for w, lead, se in zip(valid["weights"], valid["leads"], valid["standard_errors"], strict=True)
+               if w != 0 and lead > z * se]
+    assert (weight in outside) if outside else weight == 0.0
+    assert fused["blend_weight"] == weight
 
     # the run can be served: --method picks whose adapter (fedrec recommend loads it as serve does)
     serve = ["recommend", str(out), "--cache-dir", str(tmp_path / "cache"), "--offline", "--history", "i3",

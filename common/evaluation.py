@@ -128,6 +128,7 @@ def choose_weight(cf: np.ndarray, llm: np.ndarray | None, who: EvalUsers, *, wei
     z (default `lead_z(weights)`) standard errors of the paired per-user difference; CF alone
     (w = 0) when none does."""
     z = lead_z(weights) if z is None else z
+
     def per_user(weight: float) -> dict[str, np.ndarray]:
         return per_user_metrics(rank_of_targets(blend(cf, llm, weight), who.targets, who.exclude), ks)
 

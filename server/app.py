@@ -539,9 +539,11 @@ def _progress(record: Mapping[str, Any], cfg: Config) -> None:
     key = f"ndcg@{cfg.eval.ks[0]}"
     _, best = _best(record["valid"], key)
     eps = record["epsilon"]
-    log.info("round %d/%d: %d clients trained, %d refused, %d failed; loss %.4f; valid %s %.4f; "
+    # clients report no training loss (not a release), and they release their validation metrics
+    # under their own policy (DP-noised by default): the line says so rather than print a loss of 0
+    log.info("round %d/%d: %d clients trained, %d refused, %d failed; valid %s as released %.4f; "
              "ε max %.3f; %.1f s", record["round"], cfg.fed.rounds, record["clients_ok"],
-             len(record["clients_refused"]), len(record["clients_failed"]), record["loss"], key, best,
+             len(record["clients_refused"]), len(record["clients_failed"]), key, best,
              max(eps.values()) if eps else 0.0, record["seconds"])
 
 

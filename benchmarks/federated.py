@@ -54,7 +54,7 @@ from fedrec.common.prior import PRIOR_FILE, CollaborativePrior, head_items, load
 from fedrec.common.privacy import calibrate_noise, default_delta
 from fedrec.common.recommender import build_recommender
 from fedrec.common.rundir import read_jsonl
-from fedrec.server.app import choose_weight, validation_noise
+from fedrec.server.app import choose_released_weight, validation_noise
 from fedrec.simulations.central import Sources
 from fedrec.simulations.federated import simulate
 
@@ -239,7 +239,7 @@ def run_local(overrides: list[str], eps: float, sources: Sources, tmp: Path,
                       "betas": weights, "users": float(outcome.metrics.get("num-examples", 0.0))}
         line = dict(outcome.ledger or {})
         noise = validation_noise({name: [line]}, line.get("round", -1), evaluation) if line else 0.0
-        weight = choose_weight(evaluation, f"ndcg@{cfg.eval.ks[0]}", noise) if weights else 1.0
+        weight = choose_released_weight(evaluation, f"ndcg@{cfg.eval.ks[0]}", noise) if weights else 1.0
         print(json.dumps({"client": name, "blend_weight": weight, "validation_noise_std": round(noise, 4)}),
               flush=True)
         # its test users ranked exactly with its own adapter and prior (the DP-noised metrics a

@@ -385,16 +385,16 @@ def validation_noise(ledgers: Mapping[str, Sequence[Mapping[str, Any]]], rnd: in
     return math.sqrt(variance) / users if users > 0 and math.isfinite(variance) else 0.0
 
 
-def choose_weight(evaluation: Mapping[str, Any], key: str, noise: float) -> float:
-    """The blend weight with the best validation `key`, unless its lead over CF alone (w = 0) is
-    within the noise of the noisy metrics (`lead_z` std of a difference of two noisy means, the
-    same rule as the central baselines'): then CF alone."""
+def choose_released_weight(evaluation: Mapping[str, Any], key: str, noise: float) -> float:
+    """The blend weight with the best released (noisy) validation `key`, unless its lead over CF
+    alone (w = 0) is within the noise (`lead_z` std of a difference of two noisy means; the
+    central runs' `common.evaluation.choose_weight` applies the same z to the sampling noise)."""
     values, betas = evaluation["metrics"].get(key), list(evaluation.get("betas", []))
     if not values or not betas:
         return 0.0
-    i = int(np.argmax(values))
+    i, best = _best(evaluation, key)
     base = values[betas.index(0.0)] if 0.0 in betas else None
-    if base is not None and values[i] - base <= lead_z(betas) * math.sqrt(2.0) * noise:
+    if base is not None and best - base <= lead_z(betas) * math.sqrt(2.0) * noise:
         return 0.0
     return float(betas[i])
 
@@ -414,7 +414,7 @@ def _finish(
     evaluated = [r for r in state.history if r["valid"]["metrics"]]
     last_valid: dict[str, Any] = evaluated[-1]["valid"] if evaluated else {"metrics": {}, "betas": []}
     noise = validation_noise(state.ledgers, evaluated[-1]["round"], last_valid) if evaluated else 0.0
-    weight = choose_weight(last_valid, key, noise)
+    weight = choose_released_weight(last_valid, key, noise)
     if state.prior is not None:  # the blend and CF alone (w = 0) in one pass, then the LLM alone
         test = _evaluate(grid, cfg, current, state, which="test", num_clients=num_clients,
                          betas=test_weights(weight))

@@ -177,6 +177,6 @@ def test_a_blend_weight_whose_lead_is_inside_the_evaluation_noise_is_not_taken()
     noise = server_app.validation_noise({"a": lines[:1], "b": lines[1:2], "c": lines[2:]}, 3, evaluation)
 
     assert noise == pytest.approx(math.sqrt(3 * 11.0 ** 2 * 10) / 900.0)  # d = 1 + 9 values
-    assert server_app.choose_weight(evaluation, "ndcg@10", noise) == 0.0  # +0.03 is inside ±0.1
-    assert server_app.choose_weight(evaluation, "ndcg@10", 0.0) == 0.5  # exact metrics: the best
+    assert server_app.choose_released_weight(evaluation, "ndcg@10", noise) == 0.0  # +0.03 is inside ±0.1
+    assert server_app.choose_released_weight(evaluation, "ndcg@10", 0.0) == 0.5  # exact metrics: the best
     assert server_app.validation_noise({"a": lines}, 2, evaluation) == 0.0  # another round's lines

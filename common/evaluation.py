@@ -132,8 +132,8 @@ def choose_weight(cf: np.ndarray, llm: np.ndarray | None, who: EvalUsers, *, wei
     def per_user(weight: float) -> dict[str, np.ndarray]:
         return per_user_metrics(rank_of_targets(blend(cf, llm, weight), who.targets, who.exclude), ks)
 
-    base = per_user(0.0)[key]
     users = [per_user(w) for w in weights]
+    base = users[list(weights).index(0.0)][key] if 0.0 in weights else per_user(0.0)[key]  # ranked once
     diffs = [u[key] - base for u in users]
     leads = tuple(float(d.mean()) for d in diffs)
     errors = tuple(float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf") for d in diffs)

@@ -10,7 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedrec.common.errors import ConfigError, FedrecError
+from fedrec.client.audit import command as audit_command
+from fedrec.common.errors import FedrecError
 
 log = logging.getLogger("fedrec")
 API_KEY_ENV = "FEDREC_API_KEY"
@@ -41,35 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     _common(simulate)
     simulate.add_argument("--resume", action="store_true",
                           help="continue the run in --output from its last checkpoint")
-    audit = sub.add_parser("audit", help="verify privacy ledgers independently; optional canary audit")
-    audit.add_argument("paths", nargs="*", type=Path, metavar="RUN_DIR_OR_LEDGER",
-                       help="run directories, client state directories or ledger .jsonl files")
-    audit.add_argument("--format", choices=("md", "html", "json"), default=None,
-                       help="report format (default: from --output's suffix, else md)")
-    audit.add_argument("--output", type=Path, help="write the report here (default: standard output)")
-    audit.add_argument("--empirical", action="store_true",
-                       help="also run the one-run canary audit on the simulation config (--config)")
-    audit.add_argument("--config", type=Path, help="simulation config for --empirical")
-    audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one setting of --config (repeatable)")
-    audit.add_argument("--canaries", type=int, default=None,
-                       help="--empirical: number of canary users (default 200)")
-    audit.add_argument("--canary-kind", choices=("gradient", "input"), default="gradient",
-                       help="--empirical: white-box gradient canaries (default) or black-box input canaries")
-    audit.add_argument("--data", help="--empirical: local data set directory")
-    audit.add_argument("--model", help="--empirical: local model directory, .gguf file or hub id")
-    audit.add_argument("--cache-dir", type=Path)
-    audit.add_argument("--offline", action="store_true")
-    audit.add_argument("--trust", action="append", default=[], metavar="CLIENT=KEY.pub",
-                       help="the institution's ledger public key (from `fedrec deploy keygen`), obtained "
-                            "from it directly; its ledger's signatures must verify against it (repeatable)")
-    audit.add_argument("--expect-head", action="append", default=[], metavar="CLIENT=HEX",
-                       help="a chain head (entry_sha256) the institution reported; its ledger must reach "
-                            "it (repeatable)")
-    audit.add_argument("--allow-legacy", action="store_true",
-                       help="accept unchained or unsigned ledgers and truncated heads as warnings "
-                            "(ledgers written by older versions); otherwise they fail")
-    deploy = sub.add_parser("deploy", help="set up a real federation (SuperLink + SuperNodes)")
+    audit_command.add_arguments(sub.add_parser(
+        "audit", help="verify privacy ledgers independently; optional canary audit"))
+    _deploy(sub.add_parser("deploy", help="set up a real federation (SuperLink + SuperNodes)"))
+    _serve(sub.add_parser("serve", help="HTTP recommendation service over a run directory"))
+    recommend = sub.add_parser("recommend", help="one-off recommendations from a run directory")
+    _serving(recommend)
+    recommend.add_argument("--history", action="append", default=[], metavar="ID_OR_TITLE",
+                           help="an item the user liked, oldest first (repeatable)")
+    recommend.add_argument("--text", help="the user's taste in their own words (cold start)")
+    recommend.add_argument("--k", type=int, default=10, help="how many items (default 10)")
+    recommend.add_argument("--include-seen", action="store_true", help="allow the history's own items")
+    recommend.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    fetch = sub.add_parser("fetch", help="download and verify the default assets into the cache")
+    fetch.add_argument("--cache-dir", type=Path)
+    fetch.add_argument("--offline", action="store_true")
+    return parser
+
+
+def _deploy(deploy: argparse.ArgumentParser) -> None:
     deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
     init = deploy_sub.add_parser("init", help="certificates, SuperNode keys, commands and READMEs")
     init.add_argument("dir", type=Path, help="new directory to generate everything into")
@@ -96,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--name", help="the institution's name (comment of the SuperNode key)")
     keygen.add_argument("--no-supernode-key", action="store_true",
                         help="only the ledger key (a simulated client, or a second state dir)")
-    serve = sub.add_parser("serve", help="HTTP recommendation service over a run directory")
+
+
+def _serve(serve: argparse.ArgumentParser) -> None:
     _serving(serve)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback)")
     serve.add_argument("--port", type=int, default=8000)
@@ -116,18 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--burst", type=int, default=40, help="requests a caller may send at once")
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="allow a non-loopback --host without an API key (logged loudly)")
-    recommend = sub.add_parser("recommend", help="one-off recommendations from a run directory")
-    _serving(recommend)
-    recommend.add_argument("--history", action="append", default=[], metavar="ID_OR_TITLE",
-                           help="an item the user liked, oldest first (repeatable)")
-    recommend.add_argument("--text", help="the user's taste in their own words (cold start)")
-    recommend.add_argument("--k", type=int, default=10, help="how many items (default 10)")
-    recommend.add_argument("--include-seen", action="store_true", help="allow the history's own items")
-    recommend.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    fetch = sub.add_parser("fetch", help="download and verify the default assets into the cache")
-    fetch.add_argument("--cache-dir", type=Path)
-    fetch.add_argument("--offline", action="store_true")
-    return parser
 
 
 def _serving(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +124,7 @@ def _serving(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offline", action="store_true")
 
 
-def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from fedrec.common.config import load_config
 
     overrides = list(args.overrides)
@@ -156,9 +137,8 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return load_config(args.config, overrides)
 
 
-def _sources(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from fedrec.common.assets import default_cache_dir, default_offline
-    from fedrec.simulations.central import Sources
+def sources_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from fedrec.common.assets import Sources, default_cache_dir, default_offline
 
     return Sources(cache_dir=args.cache_dir or default_cache_dir(),
                    offline=bool(args.offline or default_offline()))
@@ -171,9 +151,9 @@ def _toml_str(text: str) -> str:
 def cmd_train_central(args: argparse.Namespace) -> int:
     from fedrec.simulations.central import results_table, run_central
 
-    cfg = _settings(args)
+    cfg = config_from_args(args)
     out = args.output or Path("runs") / cfg.name
-    rows = run_central(cfg, out, _sources(args))
+    rows = run_central(cfg, out, sources_from_args(args))
     sys.stdout.write(results_table(rows))
     sys.stdout.write(f"run directory: {out}\n")
     return 0
@@ -182,11 +162,11 @@ def cmd_train_central(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedrec.simulations.federated import simulate
 
-    cfg = _settings(args)
+    cfg = config_from_args(args)
     if cfg.name == "central":  # the default name belongs to train-central
         cfg = dataclasses.replace(cfg, name="federated")
     out = args.output or Path("runs") / cfg.name
-    final = simulate(cfg, out, _sources(args), resume=args.resume)
+    final = simulate(cfg, out, sources_from_args(args), resume=args.resume)
     sys.stdout.write((out / "report.md").read_text() if (out / "report.md").exists() else f"{final}\n")
     sys.stdout.write(f"run directory: {out}\n")
     return 0
@@ -195,7 +175,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_fetch(args: argparse.Namespace) -> int:
     from fedrec.common.assets import fetch_dataset, fetch_model
 
-    sources = _sources(argparse.Namespace(cache_dir=args.cache_dir, offline=args.offline))
+    sources = sources_from_args(argparse.Namespace(cache_dir=args.cache_dir, offline=args.offline))
     data = fetch_dataset("ml-100k", cache_dir=sources.cache_dir, offline=sources.offline)
     model = fetch_model(cache_dir=sources.cache_dir, offline=sources.offline)
     sys.stdout.write(f"ml-100k: {data}\nmodel: {model.path} ({model.source})\n")
@@ -203,63 +183,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from fedrec.common.audit import Trust
-    from fedrec.common.chain import load_public
-    from fedrec.simulations.audit import empty_report, run_audit
-    from fedrec.simulations.audit_report import render
-
-    if not args.paths and not args.empirical:
-        raise ConfigError("fedrec audit: name a run directory or ledger file, "
-                          "or pass --empirical --config FILE")
-    fmt = args.format or _format_of(args.output)
-    trust = Trust(keys={c: load_public(Path(v)) for c, v in _pairs(args.trust, "--trust")},
-                  heads={c: _hex64(h) for c, h in _pairs(args.expect_head, "--expect-head")},
-                  allow_legacy=args.allow_legacy)
-    report = run_audit(args.paths, trust=trust) if args.paths else empty_report()
-    if args.empirical:
-        from fedrec.simulations.empirical_audit import empirical_audit
-
-        empirical_audit(report, _settings(args), _sources(args), canaries=args.canaries,
-                        kind=args.canary_kind)
-    text = render(report, fmt)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text, encoding="utf-8")
-        sys.stdout.write(f"report: {args.output}\n")
-    else:
-        sys.stdout.write(text)
-    failures = report.failures()
-    if failures:
-        sys.stderr.write(f"fedrec: audit FAILED ({len(failures)} failing checks):\n")
-        sys.stderr.write("".join(f"  - {f}\n" for f in failures))
-        return 1
-    sys.stderr.write("fedrec: audit passed\n")
-    return 0
-
-
-def _pairs(values: Sequence[str], flag: str) -> list[tuple[str, str]]:
-    out = []
-    for text in values:
-        client, sep, value = text.partition("=")
-        if not sep or not client.strip() or not value.strip():
-            raise ConfigError(f"{flag} {text!r}: expected CLIENT=VALUE, e.g. {flag} hospital-a=...")
-        out.append((client.strip(), value.strip()))
-    return out
-
-
-def _hex64(text: str) -> str:
-    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text.lower()):
-        raise ConfigError(f"--expect-head {text!r}: expected a chain head, 64 hex digits (an entry_sha256)")
-    return text.lower()
-
-
-def _format_of(output: Path | None) -> str:
-    suffix = output.suffix.lower().lstrip(".") if output else ""
-    return {"htm": "html", "html": "html", "json": "json"}.get(suffix, "md")
+    return audit_command.run(args)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from fedrec.server.deploy import INSECURE_BANNER, init_deployment, institution_keygen, parse_institutions
+    from fedrec.server.deployment.generate import init_deployment
+    from fedrec.server.deployment.keys import institution_keygen
+    from fedrec.server.deployment.plan import INSECURE_BANNER, parse_institutions
 
     if args.deploy_command == "keygen":
         written = institution_keygen(args.dir, name=args.name, supernode=not args.no_supernode_key)
@@ -284,7 +214,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def _serve_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from fedrec.server.service import ServeSettings
+    from fedrec.server.serving.service import ServeSettings
 
     return ServeSettings(method=args.method, data=args.data, device=args.device, merge=args.merge,
                          encode_batch=args.encode_batch)
@@ -307,8 +237,8 @@ def _api_key_given(args: argparse.Namespace) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fedrec.server.serve import HttpSettings, ServeSpec, check_bind, run
-    from fedrec.server.service import locate_run
+    from fedrec.server.serving.http import HttpSettings, ServeSpec, check_bind, run
+    from fedrec.server.serving.service import locate_run
 
     locate_run(args.run_dir, args.method)  # a wrong RUN_DIR fails here, not in each worker
     check_bind(args.host, has_key=_api_key_given(args), insecure_no_auth=args.insecure_no_auth)
@@ -316,7 +246,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         batching=not args.no_batching, max_batch=args.max_batch,
                         batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, rate=args.rate,
                         burst=args.burst)
-    sources = _sources(args)
+    sources = sources_from_args(args)
     spec = ServeSpec(run_dir=str(args.run_dir), cache_dir=str(sources.cache_dir), offline=sources.offline,
                      serve=dataclasses.asdict(_serve_settings(args)), http=dataclasses.asdict(http))
     run(spec, host=args.host, port=args.port, workers=args.workers, insecure_no_auth=args.insecure_no_auth)
@@ -326,9 +256,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_recommend(args: argparse.Namespace) -> int:
     import json
 
-    from fedrec.server.service import load_service
+    from fedrec.server.serving.service import load_service
 
-    sources = _sources(args)
+    sources = sources_from_args(args)
     service = load_service(args.run_dir, _serve_settings(args), cache_dir=sources.cache_dir,
                            offline=sources.offline)
     query = service.query(history=args.history, text=args.text, k=args.k, exclude_seen=not args.include_seen)

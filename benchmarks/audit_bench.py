@@ -26,11 +26,10 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--canaries", type=int, default=200)
     args = parser.parse_args()
-    from fedrec.common.assets import default_cache_dir
+    from fedrec.client.audit.canaries import empirical_audit
+    from fedrec.client.audit.sources import empty_report, run_audit
+    from fedrec.common.assets import Sources, default_cache_dir
     from fedrec.common.config import load_config
-    from fedrec.simulations.audit import empty_report, run_audit
-    from fedrec.simulations.central import Sources
-    from fedrec.simulations.empirical_audit import empirical_audit
 
     t0 = time.perf_counter()
     report = run_audit([args.run_dir])

@@ -32,7 +32,7 @@ from fedrec.common.prior import (
     plan_releases,
     user_items,
 )
-from fedrec.common.privacy import default_delta
+from fedrec.common.privacy.analysis import default_delta
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cf_shrink.json"
 FIXED = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)

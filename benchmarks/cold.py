@@ -90,9 +90,10 @@ _LOADED: dict[str, Any] = {}
 
 def _encoder_and_catalogue(dataset: Dataset) -> tuple[Any, Any, Any]:
     """The default model's item encoder (reset to its initial adapter) and the cached catalogue."""
+    from fedrec.common.catalogue import catalogue_cached
     from fedrec.common.config import Config
     from fedrec.common.lora import load_adapter
-    from fedrec.common.recommender import build_recommender, catalogue_cached
+    from fedrec.common.recommender import build_recommender
 
     if "loaded" not in _LOADED:
         cfg = Config()
@@ -123,7 +124,8 @@ def _trained(dataset: Dataset, cold: ColdSplit, seed: int, *, private: bool) -> 
     """The item encoder trained on the cold split's training sequences only, the held-out items
     never in a softmax; under DP at ε = EPSILON with the shipped plan (q = 1, dp_epochs steps)."""
     from fedrec.client.train import DPSettings, LocalTrainer, objective, steps_for_epochs
-    from fedrec.common.privacy import PrivacyAccountant, calibrate_noise, default_delta
+    from fedrec.common.privacy.accountant import PrivacyAccountant
+    from fedrec.common.privacy.analysis import calibrate_noise, default_delta
 
     loaded, catalogue, cfg = _encoder_and_catalogue(dataset)
     train = cold.as_split().train

@@ -4,7 +4,7 @@
 
 The same tiny configuration everywhere (the `tiny-random` model built in code; three clients of 8
 users each, 6 interactions per user): `fedrec simulate` on Flower's Simulation Engine, then a
-real federation on loopback (server/loopback.py: SuperLink and three SuperNodes as processes, TLS
+real federation on loopback (tests/harness/loopback.py: SuperLink and three SuperNodes as processes, TLS
 and node authentication on), then the same with `fed.secagg = true`. Per mode: the steady round
 time (rounds after the first, which pays start-up, and before the last, which evaluates), every
 round's time, the payload bytes each client
@@ -27,11 +27,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedrec.common.config import load_config
-from fedrec.common.rundir import read_jsonl
-from fedrec.server.loopback import TINY_RUN, Federation
-from fedrec.simulations.central import Sources
-from fedrec.simulations.federated import simulate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/harness: the loopback federation
+
+from fedrec.common.assets import Sources  # noqa: E402
+from fedrec.common.config import load_config  # noqa: E402
+from fedrec.common.rundir import read_jsonl  # noqa: E402
+from fedrec.simulations.federated import simulate  # noqa: E402
+from harness.loopback import TINY_RUN, Federation  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "deploy.json"
 log = logging.getLogger("bench")

@@ -28,10 +28,11 @@ def measure(mode: str, batch: int, steps: int) -> dict:
     import torch
     from fedrec.client.train import DPSettings, LocalTrainer, objective, per_user_gradients, user_losses
     from fedrec.common.assets import default_cache_dir, resolve_dataset
+    from fedrec.common.catalogue import catalogue_cached
     from fedrec.common.config import Config
     from fedrec.common.data import leave_one_out, load_dataset
-    from fedrec.common.privacy import PrivacyAccountant
-    from fedrec.common.recommender import build_recommender, catalogue_cached
+    from fedrec.common.privacy.accountant import PrivacyAccountant
+    from fedrec.common.recommender import build_recommender
 
     cfg = Config()
     cache = default_cache_dir()

@@ -47,15 +47,14 @@ from typing import Any
 
 import psutil
 from fedrec.client.local import ClientJob, LocalSettings, RoundRequest, load_split, simulated_clients
-from fedrec.common.assets import default_cache_dir
+from fedrec.common.assets import Sources, default_cache_dir
 from fedrec.common.config import Config, load_config
 from fedrec.common.evaluation import BLEND_WEIGHTS, CFSettings
 from fedrec.common.prior import PRIOR_FILE, CollaborativePrior, head_items, load_prior, plan_releases
-from fedrec.common.privacy import calibrate_noise, default_delta
+from fedrec.common.privacy.analysis import calibrate_noise, default_delta
 from fedrec.common.recommender import build_recommender
 from fedrec.common.rundir import read_jsonl
 from fedrec.server.app import choose_released_weight, validation_noise
-from fedrec.simulations.central import Sources
 from fedrec.simulations.federated import simulate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "federated.json"
@@ -140,9 +139,9 @@ def exact_test(cfg: Config, sources: Sources, adapter: dict[str, Any], prior: Co
     too noisy to compare methods with (their noise is sized for the institutions' budgets).
     `loaded` and `data` (dataset, split) are reused when given, loaded otherwise. Returns
     (blend, CF alone, LLM alone, test users)."""
+    from fedrec.common.catalogue import catalogue_cached
     from fedrec.common.evaluation import eval_users, evaluate
     from fedrec.common.lora import load_adapter
-    from fedrec.common.recommender import catalogue_cached
     from fedrec.simulations.central import blend, catalogue_vectors, cf_scores, llm_scores
 
     dataset, split = data or load_split(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
@@ -300,7 +299,7 @@ def noise_rows() -> list[dict[str, Any]]:
 def write_plot() -> Path:
     """results/privacy_utility.svg (and federated.html): test NDCG@10 against ε for popularity, CF,
     the hybrid, central vs federated, from central.json and federated.json."""
-    from fedrec.simulations.report import line_plot
+    from fedrec.server.report import line_plot
 
     results = RESULTS.parent
     central = json.loads((results / "central.json").read_text()).get("rows", []) \

@@ -118,7 +118,7 @@ def settings_from_context(context: Context) -> tuple[Config, LocalSettings]:
 
 def require_pinned_version(node: Mapping[str, Any]) -> None:
     """Refuse to run when the institution pinned `fedrec-version` in its settings and the code it
-    was sent reports another (server/deploy.py writes the pin). A guard against an unagreed
+    was sent reports another (server/deployment/scripts.py writes the pin). A guard against an unagreed
     upgrade, not against code that lies about its version (README "Deployment")."""
     pinned = node.get("fedrec-version")
     if not pinned:

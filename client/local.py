@@ -37,6 +37,7 @@ from fedrec.client.policy import (
 from fedrec.client.state import ClientState, state_lock
 from fedrec.client.train import DPSettings, LocalTrainer, objective, residual_cf, steps_for_epochs
 from fedrec.common.assets import resolve_dataset
+from fedrec.common.catalogue import Catalogue, catalogue_cached
 from fedrec.common.config import Config
 from fedrec.common.data import (
     Dataset,
@@ -67,15 +68,15 @@ from fedrec.common.prior import (
     plan_releases,
     user_items,
 )
-from fedrec.common.privacy import (
+from fedrec.common.privacy.analysis import (
     MechanismStep,
     calibrate_noise,
     check_delta,
     default_delta,
     epsilon,
 )
-from fedrec.common.randomness import MechanismRandom, mechanism_random
-from fedrec.common.recommender import Catalogue, Loaded, build_recommender, catalogue_cached
+from fedrec.common.privacy.mechanisms import MechanismRandom, mechanism_random
+from fedrec.common.recommender import Loaded, build_recommender
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class ClientJob:
             out += [s for s, m in zip(self.prior_plan().steps, names, strict=False) if m not in done]
         if self.policy.evaluation == "dp":
             remaining = max(1, req.num_rounds - req.round + 1) + TEST_EVALUATIONS
-            out.append(MechanismStep(self.eval_sigma(state, req.num_rounds), 1.0, remaining))
+            out.append(MechanismStep(noise_multiplier=self.eval_sigma(state, req.num_rounds), sample_rate=1.0, steps=remaining))
         return out
 
     def eval_sigma(self, state: ClientState, num_rounds: int) -> float:
@@ -364,7 +365,7 @@ class ClientJob:
             sigma = self.prior_plan().popularity_sigma
         except PrivacyError as exc:
             return self._refuse(state, STATUS_OVER_BUDGET, f"{self.local.name}: {exc}")
-        step = MechanismStep(sigma, 1.0, 1)
+        step = MechanismStep(noise_multiplier=sigma, sample_rate=1.0, steps=1)
         if (refused := self._refusal(state, [step], "the popularity release")) is not None:
             return refused
         rng = self._random(req.round, "prior")
@@ -399,7 +400,7 @@ class ClientJob:
         if sigma is None:
             return self._refuse(state, STATUS_BAD_REQUEST,
                                 f"{self.local.name}: co-occurrence releases are off (prior.cooccurrence)")
-        step = MechanismStep(sigma, 1.0, 1)
+        step = MechanismStep(noise_multiplier=sigma, sample_rate=1.0, steps=1)
         if (refused := self._refusal(state, [step], "the co-occurrence release")) is not None:
             return refused
         rng = self._random(req.round, "cooccurrence")
@@ -454,7 +455,7 @@ class ClientJob:
                 sigma = self.noise_multiplier(state, req)
             except PrivacyError as exc:  # the earlier and planned releases leave nothing for DP-SGD
                 return self._refuse(state, STATUS_OVER_BUDGET, f"{self.local.name}: {exc}")
-            step = MechanismStep(sigma, self.sample_rate, steps)
+            step = MechanismStep(noise_multiplier=sigma, sample_rate=self.sample_rate, steps=steps)
             if (refused := self._refusal(state, [step], f"round {req.round}")) is not None:
                 return refused
             state.noise_multiplier = sigma
@@ -483,12 +484,12 @@ class ClientJob:
         """The DP-SGD line (the step hook already recorded it in the accountant), or, where the
         policy allows non-private training, a line that says so: σ = 0, ε = ∞ from then on."""
         if dp is not None:
-            released = MechanismStep(dp.noise_multiplier, dp.sample_rate, steps)
+            released = MechanismStep(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=steps)
             return self._ledger_entry(state, rnd, "dp-sgd", released, dp.clip_norm, rng)
         state.accountant.step(noise_multiplier=0.0, sample_rate=1.0, steps=steps)
         log.warning("%s: round %d trained WITHOUT differential privacy (allow-non-private = true)",
                     self.local.name, rnd)
-        return self._ledger_entry(state, rnd, MECHANISM_NON_PRIVATE, MechanismStep(0.0, 1.0, steps),
+        return self._ledger_entry(state, rnd, MECHANISM_NON_PRIVATE, MechanismStep(noise_multiplier=0.0, sample_rate=1.0, steps=steps),
                                   0.0, rng)
 
     def evaluate(
@@ -533,7 +534,7 @@ class ClientJob:
             return self._refuse(state, STATUS_POLICY, f"{POLICY_CONFLICT}: an evaluation before any "
                                 f"prior or training release (no plan to size its noise) not allowed at "
                                 f"{self.local.name}")
-        step = MechanismStep(sigma, 1.0, 1)
+        step = MechanismStep(noise_multiplier=sigma, sample_rate=1.0, steps=1)
         if (refused := self._refusal(state, [step], f"the {which} evaluation")) is not None:
             return refused
         self._load_global(global_tensors)

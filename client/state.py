@@ -38,7 +38,7 @@ import torch
 from fedrec.common import chain
 from fedrec.common.errors import PrivacyError
 from fedrec.common.lora import tensors_digest
-from fedrec.common.privacy import PrivacyAccountant
+from fedrec.common.privacy.accountant import PrivacyAccountant
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)

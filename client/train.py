@@ -12,7 +12,7 @@ Under DP, per-user gradients are computed in one vectorised pass (torch.func.vma
 torch.func.grad), clipped and noised by Opacus' DPOptimizer, whose step hook records (σ, q) in
 the accountant. Sampling is Poisson with a public rate q (1.0 by default: few, full-batch steps).
 
-Randomness: the Poisson masks and the noise come from a `MechanismRandom` (common/randomness.py),
+Randomness: the Poisson masks and the noise come from a `MechanismRandom` (common/privacy/mechanisms.py),
 the OS CSPRNG unless the caller passes a seeded one (tests, benchmarks); Opacus' own noise path
 would use torch's Mersenne Twister, so `SecretNoiseDPOptimizer` replaces only its `add_noise`.
 """
@@ -27,11 +27,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fedrec.common.catalogue import Catalogue
 from fedrec.common.config import Config
 from fedrec.common.prior import CollaborativePrior
-from fedrec.common.privacy import PrivacyAccountant
-from fedrec.common.randomness import MechanismRandom
-from fedrec.common.recommender import Catalogue, ItemEncoder
+from fedrec.common.privacy.accountant import PrivacyAccountant
+from fedrec.common.privacy.mechanisms import MechanismRandom
+from fedrec.common.recommender import ItemEncoder
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from tqdm import tqdm

@@ -38,6 +38,15 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name
 
 
 @dataclass(frozen=True)
+class Sources:
+    """Where assets come from: the cache directory and whether the network may be used (resolved
+    once, at the command-line boundary)."""
+
+    cache_dir: Path
+    offline: bool = False
+
+
+@dataclass(frozen=True)
 class Member:
     """A file taken out of a downloaded archive, with its pinned sha256."""
 

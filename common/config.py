@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrec.common.errors import ConfigError
+from fedrec.common.privacy import accountants
 
 CENTRAL_METHODS = (
     "popularity", "dp-popularity", "itemknn", "dp-cooccurrence", "zero-shot", "central-lora",
@@ -124,7 +125,7 @@ class PrivacyConfig:
             raise ConfigError(f"privacy.noise_multiplier={self.noise_multiplier} must be a finite "
                               "number >= 0")
         _positive("privacy.clip_norm", self.clip_norm)
-        _choice("privacy.accountant", self.accountant, ("rdp", "prv"))
+        _choice("privacy.accountant", self.accountant, tuple(accountants.TRAINING))
         if self.delta is not None and not 0.0 < self.delta < 1.0:
             raise ConfigError(f"privacy.delta={self.delta} must be in (0, 1)")
 

@@ -18,10 +18,11 @@ from statistics import NormalDist
 
 import numpy as np
 import torch
+from fedrec.common.catalogue import Catalogue
 from fedrec.common.data import Dataset, Split
 from fedrec.common.metrics import evaluate_scores, per_user_metrics, rank_of_targets
 from fedrec.common.prior import CollaborativePrior
-from fedrec.common.recommender import Catalogue, ItemEncoder, item_vectors, user_vectors
+from fedrec.common.recommender import ItemEncoder, item_vectors, user_vectors
 
 
 @dataclass(frozen=True)

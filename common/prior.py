@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 from fedrec.common.errors import ConfigError, DataError, PrivacyError
-from fedrec.common.privacy import MechanismStep, calibrate_noise
-from fedrec.common.randomness import MechanismRandom
+from fedrec.common.privacy.analysis import MechanismStep, calibrate_noise
+from fedrec.common.privacy.mechanisms import MechanismRandom
 
 MECHANISM_POPULARITY = "prior-counts"  # ledger name of the popularity release (kept for old ledgers)
 MECHANISM_COOCCURRENCE = "prior-cooccurrence"
@@ -182,9 +182,9 @@ class ReleasePlan:
 
     @property
     def steps(self) -> list[MechanismStep]:
-        out = [MechanismStep(self.popularity_sigma, 1.0, 1)]
+        out = [MechanismStep(noise_multiplier=self.popularity_sigma, sample_rate=1.0, steps=1)]
         if self.cooccurrence_sigma is not None:
-            out.append(MechanismStep(self.cooccurrence_sigma, 1.0, 1))
+            out.append(MechanismStep(noise_multiplier=self.cooccurrence_sigma, sample_rate=1.0, steps=1))
         return out
 
 

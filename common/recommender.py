@@ -14,7 +14,6 @@ item prompt, so text queries live in the same space. score = cosine / τ.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,10 +22,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from fedrec.common.catalogue import Catalogue
 from fedrec.common.config import Config
 from fedrec.common.errors import ConfigError
 from fedrec.common.model import BaseModel, load_base_model, pick_device
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -36,17 +35,6 @@ ITEM_PROMPT = "Item: {text}"
 _A, _B = "lora_A.default.weight", "lora_B.default.weight"  # the adapted module's LoRA parameters
 _NORM_NAMES = ("norm", "ln_f", "final_layernorm")
 _LAYER_NAMES = ("layers", "h", "blocks")
-
-
-@dataclass(frozen=True)
-class Catalogue:
-    """The frozen computation for every catalogue item at its prompt's last token."""
-
-    inputs: torch.Tensor  # (I, D_in) input of the adapted module
-    residual: torch.Tensor  # (I, H) what the adapted module's output is added to
-
-    def __len__(self) -> int:
-        return self.inputs.shape[0]
 
 
 class ItemEncoder:
@@ -69,6 +57,10 @@ class ItemEncoder:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def frozen_signature(self) -> tuple[str, ...]:
+        """What, besides the base weights and the texts, decides the frozen computation (cache key)."""
+        return ITEM_PROMPT, str(self.max_tokens), type(self.adapted).__name__
 
     def prompt_ids(self, text: str) -> list[int]:
         ids = self.tokenizer(ITEM_PROMPT.format(text=text), add_special_tokens=False)["input_ids"]
@@ -259,33 +251,6 @@ def user_vectors(vectors: torch.Tensor, histories: Sequence[Sequence[int]], *, h
         if recent:
             out[u] = vectors[torch.as_tensor(recent)].mean(dim=0)
     return F.normalize(out, dim=-1)
-
-
-# --- the catalogue cache on disk -------------------------------------------------------------
-
-
-def catalogue_cached(encoder: ItemEncoder, texts: Sequence[str], *, cache_dir: Path | None,
-                     model_fingerprint: str, batch_size: int = 32) -> Catalogue:
-    """The frozen computation of a catalogue, cached on disk by model, prompt, target and texts."""
-    key_src = "\n".join([model_fingerprint, ITEM_PROMPT, str(encoder.max_tokens),
-                         type(encoder.adapted).__name__, *texts])
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
-    path = cache_dir / "catalogue" / f"{key}.safetensors" if cache_dir else None
-    if path is not None and path.is_file():
-        try:
-            t = load_file(str(path))
-            if t["inputs"].shape[0] == len(texts):  # copies: the file may change under a mapping
-                return Catalogue(t["inputs"].clone(), t["residual"].clone())
-        except Exception as exc:  # noqa: BLE001 - a damaged cache file is recomputed
-            log.warning("catalogue cache %s unreadable (%s); recomputing", path, exc)
-    catalogue = encoder.trunk(list(texts), batch_size=batch_size, progress=len(texts) > 256)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{id(catalogue)}.tmp")  # concurrent simulated clients
-        save_file({"inputs": catalogue.inputs.contiguous(), "residual": catalogue.residual.contiguous()},
-                  str(tmp))
-        tmp.replace(path)
-    return catalogue
 
 
 # --- the whole recommender from settings ----------------------------------------------------

@@ -159,7 +159,7 @@ def run_server(
         _progress(record, cfg)
 
     final = _finish(run, grid, cfg, state, current, initial, num_clients)
-    from fedrec.simulations.report import write_reports
+    from fedrec.server.report import write_reports
 
     write_reports(run.root, cfg)
     return final

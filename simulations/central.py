@@ -17,7 +17,8 @@ from fedrec.client.train import (
     residual_cf,
     steps_for_epochs,
 )
-from fedrec.common.assets import resolve_dataset
+from fedrec.common.assets import Sources, resolve_dataset
+from fedrec.common.catalogue import Catalogue, catalogue_cached
 from fedrec.common.config import Config
 from fedrec.common.data import Dataset, Split, leave_one_out, load_dataset, sample_users
 from fedrec.common.errors import ConfigError
@@ -43,20 +44,13 @@ from fedrec.common.prior import (
     private_prior,
     save_prior,
 )
-from fedrec.common.privacy import PrivacyAccountant, calibrate_noise, check_delta, default_delta
-from fedrec.common.randomness import MechanismRandom, mechanism_random
-from fedrec.common.recommender import Catalogue, Loaded, build_recommender, catalogue_cached
+from fedrec.common.privacy.accountant import PrivacyAccountant
+from fedrec.common.privacy.analysis import calibrate_noise, check_delta, default_delta
+from fedrec.common.privacy.mechanisms import MechanismRandom, mechanism_random
+from fedrec.common.recommender import Loaded, build_recommender
 from fedrec.common.rundir import RunDir
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Sources:
-    """Where assets come from; resolved at the CLI boundary."""
-
-    cache_dir: Path
-    offline: bool = False
 
 
 @dataclass

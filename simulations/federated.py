@@ -21,12 +21,12 @@ from typing import Any
 from fedrec.client.app import make_client_app
 from fedrec.client.local import LocalSettings, load_split, simulated_clients
 from fedrec.client.policy import Policy, simulated_policy
+from fedrec.common.assets import Sources
 from fedrec.common.config import Config
 from fedrec.common.errors import ConfigError, FedrecError
-from fedrec.common.privacy import check_delta, default_delta
+from fedrec.common.privacy.analysis import check_delta, default_delta
 from fedrec.common.rundir import RunDir
 from fedrec.server.app import FAILED, make_server_app
-from fedrec.simulations.central import Sources
 from flwr.app import Context
 
 log = logging.getLogger(__name__)

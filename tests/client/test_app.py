@@ -12,7 +12,7 @@ from fedrec.client.local import LocalSettings
 from fedrec.common import chain
 from fedrec.common.config import Config, load_config
 from fedrec.common.lora import tensors_digest
-from fedrec.common.privacy import MechanismStep, epsilon
+from fedrec.common.privacy.analysis import MechanismStep, epsilon
 from fedrec.common.recommender import build_recommender
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -119,7 +119,7 @@ def test_rounds_compose_across_restarts_and_replays_cost_nothing(tiny_data: Path
     second = make_app(cfg, tmp_path, 8.0)(train_message(sent, 2), context())
     ledger = [json.loads(x) for x in (tmp_path / "state" / "ledger.jsonl").read_text().splitlines()]
     assert [e["round"] for e in ledger] == [1, 2]
-    history = [MechanismStep(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger]
+    history = [MechanismStep(noise_multiplier=e["noise_multiplier"], sample_rate=e["sample_rate"], steps=e["steps"]) for e in ledger]
     assert ledger[-1]["epsilon"] == pytest.approx(epsilon(history, delta=ledger[-1]["delta"]), rel=1e-9)
     assert dict(second.content["metrics"])["epsilon"] == pytest.approx(ledger[-1]["epsilon"])
     assert ledger[1]["epsilon"] > ledger[0]["epsilon"]

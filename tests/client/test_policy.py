@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 from fedrec.client import app as client_app
+from fedrec.client.audit import checks as audit
 from fedrec.client.local import ClientJob, LocalSettings, RoundRequest
 from fedrec.client.policy import Policy, policy_from_settings
 from fedrec.client.state import ClientState
-from fedrec.common import audit
 from fedrec.common.config import Config, to_run_config
 from fedrec.common.data import leave_one_out, load_dataset
 from fedrec.common.errors import ConfigError, PrivacyError
 from fedrec.common.evaluation import BLEND_WEIGHTS
-from fedrec.common.privacy import MechanismStep, epsilon
-from fedrec.common.randomness import OS_ENTROPY, SEEDED
+from fedrec.common.privacy.analysis import MechanismStep, epsilon
+from fedrec.common.privacy.mechanisms import OS_ENTROPY, SEEDED
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from tests.client.test_app import context, fresh_process_cache, global_adapter, tiny_config, train_message
@@ -256,7 +256,7 @@ def test_evaluation_noise_follows_the_announced_plan(tiny_data: Path, tmp_path: 
     assert status(reply)["status"] == "ok"
     sigma = ledger(tmp_path / "state")[-1]["noise_multiplier"]
     delta = ledger(tmp_path / "state")[-1]["delta"]
-    assert epsilon([MechanismStep(sigma, 1.0, 4)], delta=delta) == pytest.approx(0.1 * 2.0, abs=0.011)
+    assert epsilon([MechanismStep(noise_multiplier=sigma, sample_rate=1.0, steps=4)], delta=delta) == pytest.approx(0.1 * 2.0, abs=0.011)
 
 
 def test_a_small_budget_still_releases_and_sizes_its_evaluations(tiny_data: Path, tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from fedrec.client.train import (
 )
 from fedrec.common.config import LoraConfig
 from fedrec.common.lora import adapter_state, attach_lora
-from fedrec.common.privacy import MechanismStep, PrivacyAccountant, epsilon
+from fedrec.common.privacy.accountant import PrivacyAccountant
+from fedrec.common.privacy.analysis import MechanismStep, epsilon
 from fedrec.common.recommender import ItemEncoder
 
 TEXTS = [f"Movie {i} ({1990 + i}) | Genre {i % 3}" for i in range(12)]
@@ -86,7 +87,7 @@ def test_lora_weights_change_after_an_opacus_step(tiny_model, tiny_tokenizer) ->
     after = adapter_state(trainer.encoder.model)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) == len(before) == 2  # A and B of the one adapted module moved
-    assert accountant.history == (MechanismStep(1.0, 0.5, 1),)
+    assert accountant.history == (MechanismStep(noise_multiplier=1.0, sample_rate=0.5, steps=1),)
 
 
 @pytest.mark.parametrize("negatives", [6, 0], ids=["sampled", "full-softmax"])
@@ -153,7 +154,7 @@ def test_empty_poisson_batch_still_spends_and_noises(tiny_model, tiny_tokenizer)
 
     after = adapter_state(trainer.encoder.model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert accountant.history == (MechanismStep(2.0, 0.1, 1),)
+    assert accountant.history == (MechanismStep(noise_multiplier=2.0, sample_rate=0.1, steps=1),)
 
 
 def test_run_records_every_step_and_epsilon_matches_accountant(tiny_model, tiny_tokenizer) -> None:
@@ -164,8 +165,8 @@ def test_run_records_every_step_and_epsilon_matches_accountant(tiny_model, tiny_
     result = trainer.run(4, progress=False)
 
     assert result.steps == 4
-    assert accountant.history == (MechanismStep(1.5, 0.5, 4),)
-    expected = epsilon([MechanismStep(1.5, 0.5, 4)], delta=1e-3)
+    assert accountant.history == (MechanismStep(noise_multiplier=1.5, sample_rate=0.5, steps=4),)
+    expected = epsilon([MechanismStep(noise_multiplier=1.5, sample_rate=0.5, steps=4)], delta=1e-3)
     assert accountant.epsilon(1e-3) == pytest.approx(expected)
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from fedrec.common import accountants
-from fedrec.common.privacy import MechanismStep
+from fedrec.common.privacy import accountants
+from fedrec.common.privacy.analysis import MechanismStep
 from scipy import optimize, stats
 
-SUBSAMPLED = [MechanismStep(1.1, 0.1, 100)]  # σ, q, steps; δ = 1e-5 below
+SUBSAMPLED = [MechanismStep(noise_multiplier=1.1, sample_rate=0.1, steps=100)]  # σ, q, steps; δ = 1e-5 below
 
 # Golden values (dp-accounting 0.6.0, Opacus 1.6.0), for (σ=1.1, q=0.1, 100 steps, δ=1e-5)
 GOLDEN = {accountants.OPACUS_RDP: 6.6137, accountants.OPACUS_PRV: 5.9230,
@@ -38,7 +38,7 @@ def test_golden_values_for_a_fixed_subsampled_mechanism() -> None:
 def test_near_exact_accountants_match_the_analytic_gaussian_mechanism() -> None:
     exact = exact_gaussian_epsilon(1.158, 1e-5)
 
-    eps = accountants.epsilons([MechanismStep(1.158, 1.0, 1)], 1e-5)
+    eps = accountants.epsilons([MechanismStep(noise_multiplier=1.158, sample_rate=1.0, steps=1)], 1e-5)
 
     assert eps[accountants.DPACC_PLD] == pytest.approx(exact, rel=5e-3)
     assert eps[accountants.OPACUS_PRV] == pytest.approx(exact, rel=1e-2)
@@ -46,7 +46,7 @@ def test_near_exact_accountants_match_the_analytic_gaussian_mechanism() -> None:
 
 
 def test_running_epsilons_compose_in_order() -> None:
-    history = [MechanismStep(1.158, 1.0, 1), MechanismStep(1.0, 0.4, 2), MechanismStep(1.0, 0.4, 2)]
+    history = [MechanismStep(noise_multiplier=1.158, sample_rate=1.0, steps=1), MechanismStep(noise_multiplier=1.0, sample_rate=0.4, steps=2), MechanismStep(noise_multiplier=1.0, sample_rate=0.4, steps=2)]
 
     running = accountants.running_epsilons(history, 1e-5)
 
@@ -56,6 +56,6 @@ def test_running_epsilons_compose_in_order() -> None:
 
 
 def test_zero_noise_is_infinite_epsilon() -> None:
-    eps = accountants.epsilons([MechanismStep(1.0, 0.5, 1), MechanismStep(0.0, 0.5, 1)], 1e-5)
+    eps = accountants.epsilons([MechanismStep(noise_multiplier=1.0, sample_rate=0.5, steps=1), MechanismStep(noise_multiplier=0.0, sample_rate=0.5, steps=1)], 1e-5)
 
     assert all(math.isinf(v) for v in eps.values())

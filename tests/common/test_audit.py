@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fedrec.client.audit.checks import FAIL, INFO, PASS, WARN, RunContext, Trust, audit_ledger
 from fedrec.common import chain
-from fedrec.common.audit import FAIL, INFO, PASS, WARN, RunContext, Trust, audit_ledger
-from fedrec.common.privacy import MechanismStep, epsilon
+from fedrec.common.privacy.analysis import MechanismStep, epsilon
 
 SIGNER = chain.Signer(Ed25519PrivateKey.generate())  # the institution's own ledger key
 TRUST = Trust(keys={"c": SIGNER.public_hex})
@@ -20,10 +20,10 @@ def make_ledger(rounds: int = 3, *, sigma: float = 1.0, q: float = 0.25, steps: 
                 budget: float = 8.0, delta: float = 1e-5, chained: bool = True,
                 signer: chain.Signer | None = SIGNER) -> list[dict[str, Any]]:
     """A true ledger: a prior release (q = 1) and `rounds` DP-SGD rounds, ε from Opacus RDP."""
-    history = [MechanismStep(2.0, 1.0, 1)]
+    history = [MechanismStep(noise_multiplier=2.0, sample_rate=1.0, steps=1)]
     blocks = [("prior-counts", 0, history[0])]
     for r in range(1, rounds + 1):
-        block = MechanismStep(sigma, q, steps)
+        block = MechanismStep(noise_multiplier=sigma, sample_rate=q, steps=steps)
         history.append(block)
         blocks.append(("dp-sgd", r, block))
     ledger: list[dict[str, Any]] = []

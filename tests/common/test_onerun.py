@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from fedrec.client.audit.onerun import audit_scores, epsilon_lower_bound, p_value
 from fedrec.common.errors import PrivacyError
-from fedrec.common.onerun import audit_scores, epsilon_lower_bound, p_value
 
 
 def test_p_value_without_delta_is_the_binomial_tail() -> None:

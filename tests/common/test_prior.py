@@ -24,7 +24,8 @@ from fedrec.common.prior import (
     save_prior,
     user_items,
 )
-from fedrec.common.privacy import MechanismStep, PrivacyAccountant, epsilon
+from fedrec.common.privacy.accountant import PrivacyAccountant
+from fedrec.common.privacy.analysis import MechanismStep, epsilon
 
 # --- popularity (moved from test_privacy.py) ---
 
@@ -78,8 +79,8 @@ def test_private_counts_reject_bad_input() -> None:
 
 def test_prior_noise_spends_its_share_of_the_budget() -> None:
     sigma = prior_noise(target_epsilon=8.0, delta=1e-5, share=0.5)
-    assert epsilon([MechanismStep(sigma, 1.0, 1)], delta=1e-5) == pytest.approx(4.0, rel=0.02)
-    assert epsilon([MechanismStep(sigma, 1.0, 1)], delta=1e-5) <= 4.0 + 1e-9
+    assert epsilon([MechanismStep(noise_multiplier=sigma, sample_rate=1.0, steps=1)], delta=1e-5) == pytest.approx(4.0, rel=0.02)
+    assert epsilon([MechanismStep(noise_multiplier=sigma, sample_rate=1.0, steps=1)], delta=1e-5) <= 4.0 + 1e-9
     assert prior_noise(target_epsilon=8.0, delta=1e-5, share=0.5, fixed=5.0) == 5.0
     smaller = prior_noise(target_epsilon=1.0, delta=1e-5, share=0.5)
     assert smaller > sigma  # less budget, more noise
@@ -137,7 +138,7 @@ def test_two_releases_compose_to_the_planned_share_and_split() -> None:
 
     assert accountant.epsilon(1e-5) == pytest.approx(6.0, rel=0.02) and accountant.epsilon(1e-5) <= 6.0 + 1e-9
     # two Gaussians at q = 1 compose exactly like one: the ledger's two lines and one σ_eff agree
-    assert accountant.epsilon(1e-5) == pytest.approx(epsilon([MechanismStep(combined, 1.0, 1)], delta=1e-5),
+    assert accountant.epsilon(1e-5) == pytest.approx(epsilon([MechanismStep(noise_multiplier=combined, sample_rate=1.0, steps=1)], delta=1e-5),
                                                      rel=1e-6)
     assert (combined / plan.popularity_sigma) ** 2 == pytest.approx(0.3)  # popularity's share of ρ
     assert plan_releases(epsilon=8.0, delta=1e-5, share=0.75, popularity_share=0.3,

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from fedrec.common.errors import ConfigError, PrivacyError
-from fedrec.common.privacy import (
+from fedrec.common.privacy.accountant import PrivacyAccountant
+from fedrec.common.privacy.analysis import (
     MechanismStep,
-    PrivacyAccountant,
     calibrate_noise,
     check_delta,
     default_delta,
@@ -27,7 +27,7 @@ GOLDEN_EPS = 2.1013652716
 
 
 def test_golden_epsilon_matches_opacus_and_a_known_value() -> None:
-    history = [MechanismStep(1.0, 0.01, 1000)]
+    history = [MechanismStep(noise_multiplier=1.0, sample_rate=0.01, steps=1000)]
     reference = RDPAccountant()
     reference.history = [(1.0, 0.01, 1000)]
 
@@ -38,7 +38,7 @@ def test_golden_epsilon_matches_opacus_and_a_known_value() -> None:
 
 
 def test_rdp_and_prv_agree() -> None:
-    history = [MechanismStep(1.1, 0.02, 500)]
+    history = [MechanismStep(noise_multiplier=1.1, sample_rate=0.02, steps=500)]
 
     rdp = epsilon(history, delta=1e-5)
     prv = epsilon(history, delta=1e-5, accountant="prv")
@@ -48,15 +48,15 @@ def test_rdp_and_prv_agree() -> None:
 
 
 def test_composition_only_adds() -> None:
-    a, b = MechanismStep(2.0, 0.1, 50), MechanismStep(5.0, 1.0, 1)
+    a, b = MechanismStep(noise_multiplier=2.0, sample_rate=0.1, steps=50), MechanismStep(noise_multiplier=5.0, sample_rate=1.0, steps=1)
 
     assert epsilon([a, b], delta=1e-5) > epsilon([a], delta=1e-5) > 0
     assert epsilon([], delta=1e-5) == 0.0
-    assert epsilon([MechanismStep(0.0, 1.0, 1)], delta=1e-5) == math.inf
+    assert epsilon([MechanismStep(noise_multiplier=0.0, sample_rate=1.0, steps=1)], delta=1e-5) == math.inf
 
 
 def test_epsilon_rejects_bad_arguments() -> None:
-    history = [MechanismStep(1.0, 0.5, 1)]
+    history = [MechanismStep(noise_multiplier=1.0, sample_rate=0.5, steps=1)]
     with pytest.raises(ConfigError, match="'moments' is not known"):
         epsilon(history, delta=1e-5, accountant="moments")
     with pytest.raises(PrivacyError, match="delta=1.0"):
@@ -64,16 +64,16 @@ def test_epsilon_rejects_bad_arguments() -> None:
 
 
 def test_mechanism_step_validates_and_normalises() -> None:
-    step = MechanismStep(np.float32(1.5), np.float64(0.25), np.int64(3))
+    step = MechanismStep(noise_multiplier=np.float32(1.5), sample_rate=np.float64(0.25), steps=np.int64(3))
 
     assert (type(step.noise_multiplier), type(step.sample_rate), type(step.steps)) == (float, float, int)
-    assert step == MechanismStep(1.5, 0.25, 3)
+    assert step == MechanismStep(noise_multiplier=1.5, sample_rate=0.25, steps=3)
     with pytest.raises(PrivacyError, match="noise_multiplier=-1"):
-        MechanismStep(-1.0, 0.5, 1)
+        MechanismStep(noise_multiplier=-1.0, sample_rate=0.5, steps=1)
     with pytest.raises(PrivacyError, match="sample_rate=0"):
-        MechanismStep(1.0, 0, 1)
+        MechanismStep(noise_multiplier=1.0, sample_rate=0, steps=1)
     with pytest.raises(PrivacyError, match="steps=True"):
-        MechanismStep(1.0, 0.5, True)
+        MechanismStep(noise_multiplier=1.0, sample_rate=0.5, steps=True)
 
 
 # --- calibration -----------------------------------------------------------------------------
@@ -82,27 +82,27 @@ def test_mechanism_step_validates_and_normalises() -> None:
 def test_calibration_meets_target_within_tol() -> None:
     sigma = calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=0.1, steps=100)
 
-    eps = epsilon([MechanismStep(sigma, 0.1, 100)], delta=1e-5)
+    eps = epsilon([MechanismStep(noise_multiplier=sigma, sample_rate=0.1, steps=100)], delta=1e-5)
     assert 8.0 - 0.01 <= eps <= 8.0
 
 
 def test_calibration_accounts_for_the_prior() -> None:
-    prior = [MechanismStep(5.0, 1.0, 1)]
+    prior = [MechanismStep(noise_multiplier=5.0, sample_rate=1.0, steps=1)]
 
     alone = calibrate_noise(target_epsilon=2.0, delta=1e-5, sample_rate=1.0, steps=5)
     with_prior = calibrate_noise(target_epsilon=2.0, delta=1e-5, sample_rate=1.0, steps=5, prior=prior)
     prv = calibrate_noise(target_epsilon=2.0, delta=1e-5, sample_rate=1.0, steps=5, accountant="prv")
 
     assert with_prior > alone
-    assert 2.0 - 0.01 <= epsilon([*prior, MechanismStep(with_prior, 1.0, 5)], delta=1e-5) <= 2.0
-    assert epsilon([MechanismStep(prv, 1.0, 5)], delta=1e-5, accountant="prv") <= 2.0
+    assert 2.0 - 0.01 <= epsilon([*prior, MechanismStep(noise_multiplier=with_prior, sample_rate=1.0, steps=5)], delta=1e-5) <= 2.0
+    assert epsilon([MechanismStep(noise_multiplier=prv, sample_rate=1.0, steps=5)], delta=1e-5, accountant="prv") <= 2.0
     assert prv < alone  # the tighter accountant needs less noise for the same ε
 
 
 def test_calibration_refuses_when_prior_spends_everything() -> None:
     with pytest.raises(PrivacyError, match=r"already spend ε=\d+\.\d+ of target_epsilon=0.5"):
         calibrate_noise(target_epsilon=0.5, delta=1e-5, sample_rate=0.1, steps=10,
-                        prior=[MechanismStep(0.5, 1.0, 1)])
+                        prior=[MechanismStep(noise_multiplier=0.5, sample_rate=1.0, steps=1)])
 
 
 @pytest.mark.parametrize(
@@ -150,7 +150,7 @@ def test_accountant_state_round_trip_and_merge() -> None:
     again.load_state_dict(json.loads(json.dumps(acc.state_dict())))
 
     assert acc.state_dict() == {"version": 1, "accountant": "rdp", "history": [[5.0, 1.0, 1], [1.2, 0.1, 5]]}
-    assert again.history == acc.history == (MechanismStep(5.0, 1.0, 1), MechanismStep(1.2, 0.1, 5))
+    assert again.history == acc.history == (MechanismStep(noise_multiplier=5.0, sample_rate=1.0, steps=1), MechanismStep(noise_multiplier=1.2, sample_rate=0.1, steps=5))
     assert again.epsilon(1e-5) == acc.epsilon(1e-5)
 
 
@@ -177,7 +177,7 @@ def test_bad_state_is_rejected_without_change(state: object, needle: str) -> Non
     with pytest.raises(PrivacyError, match=needle):
         acc.load_state_dict(state)  # type: ignore[arg-type]
 
-    assert acc.history == (MechanismStep(1.0, 0.5, 1),)
+    assert acc.history == (MechanismStep(noise_multiplier=1.0, sample_rate=0.5, steps=1),)
 
 
 def test_would_exceed_is_hypothetical() -> None:
@@ -188,7 +188,7 @@ def test_would_exceed_is_hypothetical() -> None:
 
     assert acc.would_exceed(budget=spent + 0.01, steps=100, **block)
     assert not acc.would_exceed(budget=spent + 10, steps=1, **block)
-    assert acc.history == (MechanismStep(1.0, 0.1, 100),)
+    assert acc.history == (MechanismStep(noise_multiplier=1.0, sample_rate=0.1, steps=100),)
 
 
 def test_step_hook_records_what_the_opacus_optimizer_ran() -> None:
@@ -218,7 +218,7 @@ def test_step_hook_records_what_the_opacus_optimizer_ran() -> None:
     opt.step()
 
     assert not torch.equal(model._module.weight, before)
-    assert ours.history == (MechanismStep(1.3, 0.05, 2), MechanismStep(2.0, 0.1, 1))
+    assert ours.history == (MechanismStep(noise_multiplier=1.3, sample_rate=0.05, steps=2), MechanismStep(noise_multiplier=2.0, sample_rate=0.1, steps=1))
     assert [tuple(h) for h in reference.history] == [(1.3, 0.05, 2), (2.0, 0.1, 1)]
     assert ours.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fedrec.common.randomness import OS_ENTROPY, SEEDED, MechanismRandom, mechanism_random
+from fedrec.common.privacy.mechanisms import OS_ENTROPY, SEEDED, MechanismRandom, mechanism_random
 
 
 def test_secret_draws_are_uniform_gaussian_and_never_repeat() -> None:

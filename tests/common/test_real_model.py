@@ -11,7 +11,8 @@ from fedrec.client.train import DPSettings, LocalTrainer, Objective
 from fedrec.common.assets import default_cache_dir
 from fedrec.common.config import Config
 from fedrec.common.lora import adapter_state
-from fedrec.common.privacy import MechanismStep, PrivacyAccountant
+from fedrec.common.privacy.accountant import PrivacyAccountant
+from fedrec.common.privacy.analysis import MechanismStep
 from fedrec.common.recommender import build_recommender, center_like, item_vectors
 
 TITLES = ["Toy Story (1995)", "GoldenEye (1995)", "Star Wars (1977)", "Fargo (1996)", "Heat (1995)"]
@@ -40,4 +41,4 @@ def test_default_model_encodes_items_and_takes_a_dp_step() -> None:
     assert torch.allclose(text[0], items[2], atol=1e-3)  # a text query lands in the items' space
     after = adapter_state(loaded.model)
     assert all(not torch.equal(before[k], after[k]) for k in before)
-    assert accountant.history == (MechanismStep(1.0, 0.5, 1),)
+    assert accountant.history == (MechanismStep(noise_multiplier=1.0, sample_rate=0.5, steps=1),)

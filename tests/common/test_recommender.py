@@ -4,16 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedrec.common.catalogue import catalogue_cached
 from fedrec.common.config import LoraConfig
 from fedrec.common.errors import ConfigError
 from fedrec.common.lora import attach_lora
-from fedrec.common.recommender import (
-    ItemEncoder,
-    catalogue_cached,
-    center_like,
-    item_vectors,
-    user_vectors,
-)
+from fedrec.common.recommender import ItemEncoder, center_like, item_vectors, user_vectors
 
 TEXTS = ["Toy Story (1995) | Animation", "Heat (1995) | Action, Crime, Thriller", "GoldenEye (1995)"]
 

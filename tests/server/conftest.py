@@ -1,4 +1,4 @@
-"""Fixtures of the server tests: real federations on loopback (server/loopback.py)."""
+"""Fixtures of the server tests: real federations on loopback (tests/harness/loopback.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fedrec.server.loopback import Federation
+from harness.loopback import Federation
 
 
 @pytest.fixture()

@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from fedrec.cli import main
 from fedrec.common.config import load_config
 from fedrec.common.errors import ConfigError
-from fedrec.common.privacy import MechanismStep, epsilon
+from fedrec.common.privacy.analysis import MechanismStep, epsilon
 from fedrec.common.rundir import package_versions, read_jsonl
-from fedrec.server.deploy import init_deployment, make_node_keys
+from fedrec.server.deployment.generate import init_deployment
+from fedrec.server.deployment.keys import make_node_keys
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from safetensors.torch import load_file
@@ -112,7 +113,7 @@ def test_client_refuses_a_version_other_than_the_pinned_one() -> None:
 def test_loopback_finds_flower_beside_the_interpreter(tmp_path: Path, dataset_writer) -> None:
     import sys
 
-    from fedrec.server.loopback import Federation
+    from harness.loopback import Federation
 
     fed = Federation(tmp_path, ("a",), dataset_writer)
 
@@ -145,7 +146,7 @@ def check_ledger(lines: list[dict[str, Any]]) -> None:
     """ε is what the accountant gives for the recorded mechanisms, and never decreases."""
     history = []
     for entry in lines:
-        history.append(MechanismStep(entry["noise_multiplier"], entry["sample_rate"], entry["steps"]))
+        history.append(MechanismStep(noise_multiplier=entry["noise_multiplier"], sample_rate=entry["sample_rate"], steps=entry["steps"]))
         assert entry["epsilon"] == pytest.approx(epsilon(history, delta=entry["delta"]), rel=1e-9)
     assert [e["epsilon"] for e in lines] == sorted(e["epsilon"] for e in lines)
 

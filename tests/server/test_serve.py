@@ -24,17 +24,18 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 from fedrec.cli import main
+from fedrec.common.catalogue import catalogue_cached
 from fedrec.common.config import load_config
 from fedrec.common.errors import DataError, RequestError
 from fedrec.common.evaluation import CFSettings, blend, catalogue_vectors, cf_scores, llm_scores
 from fedrec.common.lora import load_adapter, save_adapter
 from fedrec.common.prior import CollaborativePrior, save_prior
-from fedrec.common.recommender import build_recommender, catalogue_cached
+from fedrec.common.recommender import build_recommender
 from fedrec.common.rundir import RunDir
-from fedrec.server.loopback import free_port
-from fedrec.server.serve import HttpSettings, RateLimiter, ServeSpec, check_bind, create_app
-from fedrec.server.serve import run as serve_run
-from fedrec.server.service import RecommenderService, ServeSettings, load_service, locate_run
+from fedrec.server.serving.http import HttpSettings, RateLimiter, ServeSpec, check_bind, create_app
+from fedrec.server.serving.http import run as serve_run
+from fedrec.server.serving.service import RecommenderService, ServeSettings, load_service, locate_run
+from harness.loopback import free_port
 
 TRAINED_ITEMS = 30  # items of the catalogue when the run trained
 NEW_ITEMS = 3  # added to the item file afterwards

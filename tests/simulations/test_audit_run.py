@@ -211,7 +211,7 @@ def read_png(path: Path) -> tuple[int, int, bytes]:
 
 
 def test_refused_rounds_are_not_expected_in_the_ledger() -> None:
-    from fedrec.simulations.audit import RunRecord, _context
+    from fedrec.client.audit.sources import RunRecord, _context
 
     record = RunRecord("r", 8.0, {"a": 1.0}, "rdp", False, True, True, "users", 8)
     rounds = [{"round": 1, "epsilon": {"a": 0.5, "b": 3.0}, "clients_refused": ["a"]},
@@ -373,13 +373,13 @@ def test_trust_flags_are_checked(run_dir: Path, tmp_path: Path, capsys) -> None:
 
 def test_the_co_occurrence_release_is_re_derived_and_a_tampered_one_is_caught(
         run_dir: Path, tmp_path: Path, capsys) -> None:
-    from fedrec.common.privacy import MechanismStep, epsilon
+    from fedrec.common.privacy.analysis import MechanismStep, epsilon
     from safetensors.torch import load_file, save_file
 
     lines = read_jsonl(run_dir / "clients" / "client-1" / "ledger.jsonl")
     cooc = [e for e in lines if e["mechanism"] == "prior-cooccurrence"]
     assert len(cooc) == 1 and cooc[0]["sample_rate"] == 1.0 and cooc[0]["steps"] == 1
-    history = [MechanismStep(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in lines[:2]]
+    history = [MechanismStep(noise_multiplier=e["noise_multiplier"], sample_rate=e["sample_rate"], steps=e["steps"]) for e in lines[:2]]
     assert cooc[0]["epsilon"] == pytest.approx(epsilon(history, delta=cooc[0]["delta"]), rel=1e-9)
 
     run = copy_run(run_dir, tmp_path)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from fedrec.cli import main
 from fedrec.common.evaluation import lead_z
-from fedrec.common.privacy import MechanismStep, epsilon
+from fedrec.common.privacy.analysis import MechanismStep, epsilon
 from fedrec.common.rundir import read_jsonl
 
 
@@ -33,7 +33,7 @@ def test_train_central_writes_a_complete_run(tmp_path: Path, tiny_data: Path, ti
     ledger = read_jsonl(out / "ledgers" / "central-dp-lora.jsonl")
     history = []
     for entry in ledger:  # every reported ε is what the accountant gives for the recorded mechanism
-        history.append(MechanismStep(entry["noise_multiplier"], entry["sample_rate"], entry["steps"]))
+        history.append(MechanismStep(noise_multiplier=entry["noise_multiplier"], sample_rate=entry["sample_rate"], steps=entry["steps"]))
         assert entry["epsilon"] == pytest.approx(epsilon(history, delta=entry["delta"]), rel=1e-9)
     assert [e["mechanism"] for e in ledger[:2]] == ["prior-counts", "prior-cooccurrence"]
     assert [e["epsilon"] for e in ledger] == sorted(e["epsilon"] for e in ledger)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from fedrec.cli import main
+from fedrec.client.audit.canaries import CanaryTrainer, draw_canaries
 from fedrec.client.train import DPSettings, Objective
 from fedrec.common.config import load_config
-from fedrec.common.privacy import PrivacyAccountant
+from fedrec.common.privacy.accountant import PrivacyAccountant
 from fedrec.common.recommender import build_recommender
-from fedrec.simulations.empirical_audit import CanaryTrainer, draw_canaries
 
 REPO = Path(__file__).resolve().parents[2]
 # one client of a few real users, 200 gradient canaries, 6 local epochs: ~20 s on 2 busy cores
@@ -67,8 +67,8 @@ def test_gradient_canaries_go_through_opacus_clipping(tiny_data: Path, tmp_path:
 def test_input_canaries_run_through_the_recommender(tiny_data: Path, tmp_path: Path) -> None:
     """Black-box canaries: real examples through the model, scored by log p(target) (no power
     claim on the tiny model, which cannot memorise them)."""
-    from fedrec.simulations.central import Sources
-    from fedrec.simulations.empirical_audit import audit_run
+    from fedrec.client.audit.canaries import audit_run
+    from fedrec.common.assets import Sources
 
     cfg = load_config(REPO / "simulations" / "configs" / "smoke.toml",
                       [f'data.dataset="{tiny_data}"', "data.max_users=8", "train.batch_size=8", "fed.rounds=1",

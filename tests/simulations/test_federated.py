@@ -16,7 +16,7 @@ import torch
 from fedrec.cli import main
 from fedrec.common import chain
 from fedrec.common.config import load_config
-from fedrec.common.privacy import MechanismStep, epsilon
+from fedrec.common.privacy.analysis import MechanismStep, epsilon
 from fedrec.common.recommender import build_recommender
 from fedrec.common.rundir import read_jsonl
 from fedrec.server import app as server_app
@@ -51,7 +51,7 @@ def check_ledger(lines: list[dict[str, Any]]) -> None:
     for entry in lines:
         for key in ("round", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "clip_norm"):
             assert key in entry
-        history.append(MechanismStep(entry["noise_multiplier"], entry["sample_rate"], entry["steps"]))
+        history.append(MechanismStep(noise_multiplier=entry["noise_multiplier"], sample_rate=entry["sample_rate"], steps=entry["steps"]))
         assert entry["epsilon"] == pytest.approx(epsilon(history, delta=entry["delta"]), rel=1e-9)
     eps = [e["epsilon"] for e in lines]
     assert eps == sorted(eps)

@@ -1,7 +1,7 @@
 #!/usr/bin/env sh
 # Render an HTML report (fedrec audit --format html, or a run's report.html) to a PNG with headless
 # Chromium, to see the page as a person would.
-#   usage: simulations/render_report.sh REPORT.html OUT.png [WIDTHxHEIGHT]
+#   usage: client/audit/render_report.sh REPORT.html OUT.png [WIDTHxHEIGHT]
 # Needs Debian's `chromium` (apt-get install -y chromium) or $CHROMIUM pointing at a Chrome binary.
 set -eu
 if [ "$#" -lt 2 ]; then

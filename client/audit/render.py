@@ -10,9 +10,9 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-from fedrec.common import accountants
-from fedrec.common.audit import Check, ClientAudit
-from fedrec.simulations.audit import AuditReport, Target
+from fedrec.client.audit.checks import Check, ClientAudit
+from fedrec.client.audit.sources import AuditReport, Target
+from fedrec.common.privacy import accountants
 
 FORMATS = ("md", "html", "json")
 SERIES_COLORS = {accountants.OPACUS_RDP: "#1f77b4", accountants.OPACUS_PRV: "#2ca02c",

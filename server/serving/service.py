@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 from fedrec.common.assets import resolve_dataset, sha256_file
+from fedrec.common.catalogue import catalogue_cached
 from fedrec.common.config import Config, from_dict
 from fedrec.common.data import Dataset, load_dataset
 from fedrec.common.errors import ConfigError, DataError, RequestError
 from fedrec.common.lora import load_adapter, read_adapter
 from fedrec.common.prior import PRIOR_FILE, CollaborativePrior, history_matrix, load_prior
-from fedrec.common.recommender import ItemEncoder, Loaded, build_recommender, catalogue_cached, item_vectors
+from fedrec.common.recommender import ItemEncoder, Loaded, build_recommender, item_vectors
 from fedrec.common.rundir import read_jsonl
 from safetensors import safe_open
 

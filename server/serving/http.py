@@ -37,8 +37,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
 from fedrec.common.errors import ConfigError, RequestError
-from fedrec.server.service import Query as ServiceQuery
-from fedrec.server.service import RecommenderService, Scored, ServeSettings, load_service
+from fedrec.server.serving.service import Query as ServiceQuery
+from fedrec.server.serving.service import RecommenderService, Scored, ServeSettings, load_service
 from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
@@ -491,5 +491,5 @@ def run(spec: ServeSpec, *, host: str, port: int, workers: int = 1, insecure_no_
         shared = ServeSpec(spec.run_dir, spec.cache_dir, spec.offline, spec.serve,
                            {**spec.http, "api_key": None}, str(key_file) if key_file else None)
         os.environ[SPEC_ENV] = json.dumps(asdict(shared))
-        uvicorn.run("fedrec.server.serve:app_from_env", factory=True, host=host, port=port,
+        uvicorn.run("fedrec.server.serving.http:app_from_env", factory=True, host=host, port=port,
                     workers=workers, log_level="info")

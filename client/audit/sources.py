@@ -2,7 +2,7 @@
 
 Inputs are read-only: a run directory (config.toml, rounds.jsonl, ledgers/, clients/), a
 client's state directory (ledger.jsonl, replies/) or a bare ledger file (.jsonl). The checks
-live in common/audit.py; the report is written by simulations/audit_report.py.
+live in client/audit/checks.py; the report is written by client/audit/render.py.
 """
 
 from __future__ import annotations
@@ -15,9 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedrec.common import audit
+from fedrec.client.audit import checks as audit
+from fedrec.client.audit.checks import (
+    FAIL,
+    INFO,
+    PASS,
+    WARN,
+    Check,
+    ClientAudit,
+    RunContext,
+    Tolerance,
+    Trust,
+)
 from fedrec.common.assets import sha256_file
-from fedrec.common.audit import FAIL, INFO, PASS, WARN, Check, ClientAudit, RunContext, Tolerance, Trust
 from fedrec.common.errors import DataError
 from fedrec.common.rundir import package_versions
 
@@ -70,7 +80,7 @@ class AuditReport:
     tolerance: Tolerance
     versions: dict[str, str]
     checksums: dict[str, str]
-    empirical: list[Any] = field(default_factory=list)  # simulations/empirical_audit.py results
+    empirical: list[Any] = field(default_factory=list)  # client/audit/canaries.py results
     empirical_checks: list[Check] = field(default_factory=list)
 
     def failures(self) -> list[str]:
@@ -91,7 +101,7 @@ class AuditReport:
 def run_audit(paths: Sequence[Path], *, tol: Tolerance | None = None,
               trust: Trust | None = None) -> AuditReport:
     """Audit every path (run dir, client state dir or ledger file) against `trust` (the keys and
-    heads the auditor was given; see common/audit.py)."""
+    heads the auditor was given; see client/audit/checks.py)."""
     if not paths:
         raise DataError("fedrec audit: name at least one run directory or ledger file (or use --empirical)")
     tol, trust = tol or Tolerance(), trust or Trust()
@@ -342,7 +352,7 @@ def check_state(state_dir: Path, ledger: Sequence[Mapping[str, Any]]) -> Check:
 
 
 def _merged(blocks: Sequence[tuple[float, ...]]) -> list[tuple[float, ...]]:
-    """Consecutive blocks of one (σ, q) as one, as the accountant stores them (common/privacy.py)."""
+    """Consecutive blocks of one (σ, q) as one, as the accountant stores them (common/privacy/analysis.py)."""
     out: list[tuple[float, ...]] = []
     for sigma, q, steps in blocks:
         if out and out[-1][:2] == (sigma, q):

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from fedrec.server.deploy import Deployment, init_deployment, institution_keygen
+from fedrec.server.deployment.generate import init_deployment
+from fedrec.server.deployment.keys import institution_keygen
+from fedrec.server.deployment.plan import Deployment
 
 # The tiny model and data of the other end-to-end tests, as `flwr run --run-config` overrides.
 TINY_RUN = (

@@ -5,7 +5,7 @@ m canary users are each added to one client's users with probability ½; that cl
 the mechanism the config specifies — client/train.py's `LocalTrainer`: per-user Poisson sampling,
 Opacus clipping and noise, σ calibrated for the client's ε over the rounds × local epochs it would
 run — then every canary gets a membership score, the k₊ best are guessed "in" and the k₋ worst
-"out", and common/onerun.py turns the number of correct guesses into an ε lower bound at 95 %
+"out", and client/audit/onerun.py turns the number of correct guesses into an ε lower bound at 95 %
 confidence. The same audit with the noise switched off (σ = 0, ε = ∞) shows the attack has power.
 What is audited is the per-client DP-SGD mechanism, not the federated exchange around it
 (aggregation only post-processes what a client releases).
@@ -33,23 +33,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from fedrec.client.audit.checks import FAIL, PASS, WARN, Check
+from fedrec.client.audit.onerun import GuessResult, audit_scores
+from fedrec.client.audit.sources import AuditReport
 from fedrec.client.local import load_split, simulated_clients
 from fedrec.client.train import DPSettings, LocalTrainer, StepItems, objective, steps_for_epochs
-from fedrec.common.audit import FAIL, PASS, WARN, Check
+from fedrec.common.assets import Sources
+from fedrec.common.catalogue import Catalogue, catalogue_cached
 from fedrec.common.config import Config
 from fedrec.common.errors import ConfigError
 from fedrec.common.evaluation import catalogue_vectors
-from fedrec.common.onerun import GuessResult, audit_scores
-from fedrec.common.privacy import PrivacyAccountant, calibrate_noise, check_delta, default_delta
-from fedrec.common.recommender import (
-    Catalogue,
-    ItemEncoder,
-    build_recommender,
-    catalogue_cached,
-    user_vectors,
-)
-from fedrec.simulations.audit import AuditReport
-from fedrec.simulations.central import Sources
+from fedrec.common.privacy.accountant import PrivacyAccountant
+from fedrec.common.privacy.analysis import calibrate_noise, check_delta, default_delta
+from fedrec.common.recommender import ItemEncoder, build_recommender, user_vectors
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +112,7 @@ class EmpiricalResult:
         return d
 
     def plot(self) -> str:
-        from fedrec.simulations.audit_report import score_plot
+        from fedrec.client.audit.render import score_plot
 
         return score_plot(self)
 

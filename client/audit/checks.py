@@ -15,9 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedrec.common import accountants, chain
+from fedrec.common import chain
 from fedrec.common.errors import PrivacyError
-from fedrec.common.privacy import MechanismStep
+from fedrec.common.privacy import accountants
+from fedrec.common.privacy.analysis import MechanismStep
 
 PASS, FAIL, WARN, INFO = "pass", "fail", "warn", "info"
 MECHANISM_KEYS = ("round", "mechanism", "noise_multiplier", "sample_rate", "steps", "delta", "epsilon")
@@ -137,7 +138,7 @@ def audit_ledger(
     audit.budget = _recorded(audit.entries, "budget", context.budget if context else None)
     audit.users = _recorded(audit.entries, "users", None)
     audit.delta = float(audit.entries[-1]["delta"])
-    history = [MechanismStep(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in audit.entries]
+    history = [MechanismStep(noise_multiplier=e["noise_multiplier"], sample_rate=e["sample_rate"], steps=e["steps"]) for e in audit.entries]
     audit.rederived = accountants.running_epsilons(history, audit.delta)
     audit.checks += [
         _check_epsilon(audit, tol), _check_budget(audit, tol), _check_budget_fixed(audit.entries, context),
@@ -158,7 +159,7 @@ def _check_fields(entries: Sequence[Mapping[str, Any]]) -> Check:
         if missing:
             return Check(name, FAIL, f"entry {i} lacks {', '.join(missing)}: its ε cannot be re-derived")
         try:
-            MechanismStep(e["noise_multiplier"], e["sample_rate"], e["steps"])
+            MechanismStep(noise_multiplier=e["noise_multiplier"], sample_rate=e["sample_rate"], steps=e["steps"])
         except PrivacyError as exc:
             return Check(name, FAIL, f"entry {i}: {exc}")
     deltas = {float(e["delta"]) for e in entries}

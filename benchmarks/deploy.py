@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/harness: the loopback federation
+# tests/harness: the loopback federation
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fedrec.common.assets import Sources  # noqa: E402
 from fedrec.common.config import load_config  # noqa: E402

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from fedrec.client.local import ClientJob, LocalSettings, RoundRequest, load_split, simulated_clients
+from fedrec.client.local import ClientJob, LocalSettings, load_split, simulated_clients
 from fedrec.common.assets import Sources, default_cache_dir
 from fedrec.common.config import Config, load_config
 from fedrec.common.evaluation import BLEND_WEIGHTS, CFSettings
@@ -54,6 +54,7 @@ from fedrec.common.prior import PRIOR_FILE, CollaborativePrior, head_items, load
 from fedrec.common.privacy.analysis import calibrate_noise, default_delta
 from fedrec.common.recommender import build_recommender
 from fedrec.common.rundir import read_jsonl
+from fedrec.common.wire import RoundRequest
 from fedrec.server.app import choose_released_weight, validation_noise
 from fedrec.simulations.federated import simulate
 

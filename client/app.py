@@ -23,16 +23,14 @@ from typing import Any
 
 import torch
 from fedrec.client.local import (
-    STATUS_BAD_REQUEST,
     ClientJob,
     LocalSettings,
-    Outcome,
-    RoundRequest,
     load_split,
     simulated_clients,
 )
 from fedrec.client.policy import policy_from_settings
 from fedrec.client.secagg import secagg_mod
+from fedrec.common import wire
 from fedrec.common.assets import default_cache_dir, default_offline
 from fedrec.common.config import Config, from_run_config, to_dict
 from fedrec.common.data import leave_one_out, load_dataset
@@ -40,6 +38,7 @@ from fedrec.common.errors import ConfigError, DataError
 from fedrec.common.prior import CollaborativePrior
 from fedrec.common.recommender import build_recommender
 from fedrec.common.rundir import package_versions
+from fedrec.common.wire import Reply, RoundRequest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -87,7 +86,7 @@ def make_client_app(settings: SettingsFn | None = None) -> ClientApp:
             request = _eval_request(msg, job)
         except (KeyError, TypeError, ValueError, DataError) as exc:  # malformed: answered with a status
             reason = f"{job.local.name}: bad evaluate message ({exc})"
-            outcome = Outcome(STATUS_BAD_REQUEST, {}, reason=reason)
+            outcome = Reply(wire.BAD_REQUEST, {}, reason=reason)
             return _reply(msg, outcome, job.local.name)
         return _reply(msg, job.evaluate(_tensors(msg), **request), job.local.name)
 
@@ -216,7 +215,7 @@ def _tensors(msg: Message) -> dict[str, torch.Tensor]:
     return msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
 
 
-def _reply(msg: Message, outcome: Outcome, name: str) -> Message:
+def _reply(msg: Message, outcome: Reply, name: str) -> Message:
     content = RecordDict({
         "metrics": MetricRecord(outcome.metrics),  # type: ignore[arg-type]
         "status": ConfigRecord({"status": outcome.status, "reason": outcome.reason, "client": name}),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from fedrec.client.policy import (
 )
 from fedrec.client.state import ClientState, state_lock
 from fedrec.client.train import DPSettings, LocalTrainer, objective, residual_cf, steps_for_epochs
+from fedrec.common import wire
 from fedrec.common.assets import resolve_dataset
 from fedrec.common.catalogue import Catalogue, catalogue_cached
 from fedrec.common.config import Config
@@ -77,12 +78,10 @@ from fedrec.common.privacy.analysis import (
 )
 from fedrec.common.privacy.mechanisms import MechanismRandom, mechanism_random
 from fedrec.common.recommender import Loaded, build_recommender
+from fedrec.common.wire import Reply, RoundRequest
 
 log = logging.getLogger(__name__)
 
-STATUS_OK, STATUS_OVER_BUDGET, STATUS_NO_DATA = "ok", "over-budget", "no-data"
-STATUS_POLICY = POLICY_CONFLICT
-STATUS_BAD_REQUEST = "bad-request"
 # A received prior count beyond this is not a sum of clipped, noised user counts of any real
 # catalogue; the client refuses to rank with it.
 MAX_PRIOR_COUNT = 1e9
@@ -120,27 +119,6 @@ class LocalSettings:
     def the_policy(self) -> Policy:
         assert self.policy is not None  # set in __post_init__
         return self.policy
-
-
-@dataclass(frozen=True)
-class RoundRequest:
-    """What the server asks for in one round (plan parameters only, never a budget)."""
-
-    run_id: str
-    round: int
-    num_rounds: int
-    local_epochs: float
-    lr: float
-    proximal_mu: float = 0.0
-
-
-@dataclass
-class Outcome:
-    status: str
-    metrics: dict[str, float]
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    reason: str = ""
-    ledger: dict[str, Any] | None = None  # the chained ledger line of this release, if it spent ε
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -246,7 +224,8 @@ class ClientJob:
             out += [s for s, m in zip(self.prior_plan().steps, names, strict=False) if m not in done]
         if self.policy.evaluation == "dp":
             remaining = max(1, req.num_rounds - req.round + 1) + TEST_EVALUATIONS
-            out.append(MechanismStep(noise_multiplier=self.eval_sigma(state, req.num_rounds), sample_rate=1.0, steps=remaining))
+            out.append(MechanismStep(noise_multiplier=self.eval_sigma(state, req.num_rounds), sample_rate=1.0,
+                                     steps=remaining))
         return out
 
     def eval_sigma(self, state: ClientState, num_rounds: int) -> float:
@@ -291,7 +270,7 @@ class ClientJob:
         )
         return max(sigma, self.policy.min_noise_multiplier)
 
-    def _refusal(self, state: ClientState, planned: list[MechanismStep], what: str) -> Outcome | None:
+    def _refusal(self, state: ClientState, planned: list[MechanismStep], what: str) -> Reply | None:
         after = epsilon([*state.accountant.history, *planned], delta=self.delta,
                         accountant=self.policy.accountant)
         if after <= self.policy.epsilon_budget * (1 + 1e-9):
@@ -300,12 +279,12 @@ class ClientJob:
         reason = (f"{self.local.name}: {what} would raise ε from {spent:.3f} to {after:.3f}, over this "
                   f"client's budget {self.policy.epsilon_budget:g} (δ={self.delta:.1e}); refused")
         log.warning(reason)
-        return Outcome(STATUS_OVER_BUDGET, self._base_metrics(state) | {"epsilon_refused": after},
+        return Reply(wire.OVER_BUDGET, self._base_metrics(state) | {"epsilon_refused": after},
                        reason=reason)
 
-    def _refuse(self, state: ClientState, status: str, reason: str) -> Outcome:
+    def _refuse(self, state: ClientState, status: str, reason: str) -> Reply:
         log.warning("%s", reason)
-        return Outcome(status, self._base_metrics(state), reason=reason)
+        return Reply(status, self._base_metrics(state), reason=reason)
 
     def _pinned_conflict(self, state: ClientState) -> str | None:
         """A state directory answers under the one policy it was first released under."""
@@ -340,23 +319,23 @@ class ClientJob:
         return state.commit(run_id=req.run_id, kind=kind, rnd=req.round, ledger_entry=entry,
                             metrics=metrics, tensors=tensors)
 
-    def _replay(self, state: ClientState, req: RoundRequest, kind: str) -> Outcome | None:
+    def _replay(self, state: ClientState, req: RoundRequest, kind: str) -> Reply | None:
         stored = state.answered_reply(req.run_id, kind, req.round)
         if stored is None:
             return None
         record, tensors = stored
         log.info("%s: round %d %s already released; re-sending it (no new spend)",
                  self.local.name, req.round, kind)
-        return Outcome(STATUS_OK, dict(record["metrics"]), tensors, ledger=record.get("ledger"))
+        return Reply(wire.OK, dict(record["metrics"]), tensors, ledger=record.get("ledger"))
 
     # -- releases --
 
-    def prior_counts(self, req: RoundRequest) -> Outcome:
+    def prior_counts(self, req: RoundRequest) -> Reply:
         """This client's item counts, per-user clipped, under the Gaussian mechanism."""
         with state_lock(self.local.state_dir):
             return self._prior_counts(req)
 
-    def _prior_counts(self, req: RoundRequest) -> Outcome:
+    def _prior_counts(self, req: RoundRequest) -> Reply:
         state = self.state()
         if (answered := self._prior_answered(state, req, "prior")) is not None:
             return answered
@@ -364,7 +343,7 @@ class ClientJob:
         try:
             sigma = self.prior_plan().popularity_sigma
         except PrivacyError as exc:
-            return self._refuse(state, STATUS_OVER_BUDGET, f"{self.local.name}: {exc}")
+            return self._refuse(state, wire.OVER_BUDGET, f"{self.local.name}: {exc}")
         step = MechanismStep(noise_multiplier=sigma, sample_rate=1.0, steps=1)
         if (refused := self._refusal(state, [step], "the popularity release")) is not None:
             return refused
@@ -374,7 +353,7 @@ class ClientJob:
         tensors = {"counts": torch.from_numpy(counts.astype(np.float32))}
         return self._release(state, req, "prior", MECHANISM_POPULARITY, step, clip, rng, tensors)
 
-    def cooccurrence(self, req: RoundRequest, head: np.ndarray) -> Outcome:
+    def cooccurrence(self, req: RoundRequest, head: np.ndarray) -> Reply:
         """This client's co-occurrence over the server's head items, per-user bounded, noised.
 
         Any head keeps the bound (each user's outer product has Frobenius norm ≤ clip), so the
@@ -382,7 +361,7 @@ class ClientJob:
         with state_lock(self.local.state_dir):
             return self._cooccurrence(req, head)
 
-    def _cooccurrence(self, req: RoundRequest, head: np.ndarray) -> Outcome:
+    def _cooccurrence(self, req: RoundRequest, head: np.ndarray) -> Reply:
         state = self.state()
         if (answered := self._prior_answered(state, req, "cooccurrence")) is not None:
             return answered
@@ -390,15 +369,15 @@ class ClientJob:
         head = np.asarray(head, dtype=np.int64)
         if head.ndim != 1 or not 0 < head.size <= min(num_items, limit) or head.min() < 0 \
                 or head.max() >= num_items or np.any(np.diff(head) <= 0):
-            return self._refuse(state, STATUS_BAD_REQUEST,
+            return self._refuse(state, wire.BAD_REQUEST,
                                 f"{self.local.name}: the head must be 1..{limit} sorted item indices")
         clip = self.policy.prior_clip_norm
         try:
             sigma = self.prior_plan().cooccurrence_sigma
         except PrivacyError as exc:
-            return self._refuse(state, STATUS_OVER_BUDGET, f"{self.local.name}: {exc}")
+            return self._refuse(state, wire.OVER_BUDGET, f"{self.local.name}: {exc}")
         if sigma is None:
-            return self._refuse(state, STATUS_BAD_REQUEST,
+            return self._refuse(state, wire.BAD_REQUEST,
                                 f"{self.local.name}: co-occurrence releases are off (prior.cooccurrence)")
         step = MechanismStep(noise_multiplier=sigma, sample_rate=1.0, steps=1)
         if (refused := self._refusal(state, [step], "the co-occurrence release")) is not None:
@@ -409,26 +388,26 @@ class ClientJob:
         tensors = {"cooccurrence": torch.from_numpy(matrix.astype(np.float32))}
         return self._release(state, req, "cooccurrence", MECHANISM_COOCCURRENCE, step, clip, rng, tensors)
 
-    def _prior_answered(self, state: ClientState, req: RoundRequest, kind: str) -> Outcome | None:
+    def _prior_answered(self, state: ClientState, req: RoundRequest, kind: str) -> Reply | None:
         """A prior release already made (re-sent) or one the policy refuses; None: go ahead."""
         if (replayed := self._replay(state, req, kind)) is not None:
             return replayed
         conflict = self._pinned_conflict(state) or check_prior(self.policy, self.cfg, client=self.local.name)
-        return self._refuse(state, STATUS_POLICY, conflict) if conflict else None
+        return self._refuse(state, wire.POLICY_CONFLICT, conflict) if conflict else None
 
     def _contributions(self) -> list[np.ndarray]:
         return user_items([self.split.train[u] for u in self.users], num_items=len(self.dataset.item_ids))
 
     def _release(self, state: ClientState, req: RoundRequest, kind: str, mechanism: str, step: MechanismStep,
-                 clip: float, rng: MechanismRandom, tensors: dict[str, torch.Tensor]) -> Outcome:
+                 clip: float, rng: MechanismRandom, tensors: dict[str, torch.Tensor]) -> Reply:
         state.accountant.step(noise_multiplier=step.noise_multiplier, sample_rate=1.0, steps=1)
         entry = self._ledger_entry(state, req.round, mechanism, step, clip, rng)
         metrics = self._base_metrics(state) | _ledger_metrics(entry)
         chained = self._commit(state, req, kind, entry, metrics, tensors)
-        return Outcome(STATUS_OK, metrics, tensors, ledger=chained)
+        return Reply(wire.OK, metrics, tensors, ledger=chained)
 
     def train(self, global_tensors: Mapping[str, torch.Tensor], req: RoundRequest,
-              prior: CollaborativePrior | None = None) -> Outcome:
+              prior: CollaborativePrior | None = None) -> Reply:
         """One round of local (DP-)training from the global adapter; replies with only LoRA tensors.
 
         Check → train → commit run under the state directory's exclusive lock: a second message
@@ -437,24 +416,24 @@ class ClientJob:
             return self._train(global_tensors, req, prior)
 
     def _train(self, global_tensors: Mapping[str, torch.Tensor], req: RoundRequest,
-               prior: CollaborativePrior | None) -> Outcome:
+               prior: CollaborativePrior | None) -> Reply:
         state = self.state()
         if (replayed := self._replay(state, req, "train")) is not None:
             return replayed
         if not self.users:
-            return Outcome(STATUS_NO_DATA, self._base_metrics(state), reason=f"{self.local.name}: no users")
+            return Reply(wire.NO_DATA, self._base_metrics(state), reason=f"{self.local.name}: no users")
         steps = self.steps_per_round(req.local_epochs)
         conflict = self._pinned_conflict(state) or check_request(
             self.policy, self.cfg, client=self.local.name, local_epochs=req.local_epochs, steps=steps,
             sample_rate=self.sample_rate)
         if conflict:
-            return self._refuse(state, STATUS_POLICY, conflict)
+            return self._refuse(state, wire.POLICY_CONFLICT, conflict)
         dp: DPSettings | None = None
         if self.cfg.fed.dp:
             try:
                 sigma = self.noise_multiplier(state, req)
             except PrivacyError as exc:  # the earlier and planned releases leave nothing for DP-SGD
-                return self._refuse(state, STATUS_OVER_BUDGET, f"{self.local.name}: {exc}")
+                return self._refuse(state, wire.OVER_BUDGET, f"{self.local.name}: {exc}")
             step = MechanismStep(noise_multiplier=sigma, sample_rate=self.sample_rate, steps=steps)
             if (refused := self._refusal(state, [step], f"round {req.round}")) is not None:
                 return refused
@@ -477,26 +456,27 @@ class ClientJob:
         entry = self._train_entry(state, req.round, dp, steps, rng)
         metrics = self._base_metrics(state) | train_scalars(steps) | _ledger_metrics(entry)
         chained = self._commit(state, req, "train", entry, metrics, tensors)
-        return Outcome(STATUS_OK, metrics, tensors, ledger=chained)
+        return Reply(wire.OK, metrics, tensors, ledger=chained)
 
     def _train_entry(self, state: ClientState, rnd: int, dp: DPSettings | None, steps: int,
                      rng: MechanismRandom) -> dict[str, Any]:
         """The DP-SGD line (the step hook already recorded it in the accountant), or, where the
         policy allows non-private training, a line that says so: σ = 0, ε = ∞ from then on."""
         if dp is not None:
-            released = MechanismStep(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=steps)
+            released = MechanismStep(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
+                                     steps=steps)
             return self._ledger_entry(state, rnd, "dp-sgd", released, dp.clip_norm, rng)
         state.accountant.step(noise_multiplier=0.0, sample_rate=1.0, steps=steps)
         log.warning("%s: round %d trained WITHOUT differential privacy (allow-non-private = true)",
                     self.local.name, rnd)
-        return self._ledger_entry(state, rnd, MECHANISM_NON_PRIVATE, MechanismStep(noise_multiplier=0.0, sample_rate=1.0, steps=steps),
-                                  0.0, rng)
+        none = MechanismStep(noise_multiplier=0.0, sample_rate=1.0, steps=steps)
+        return self._ledger_entry(state, rnd, MECHANISM_NON_PRIVATE, none, 0.0, rng)
 
     def evaluate(
         self, global_tensors: Mapping[str, torch.Tensor], *, which: str,
         prior: CollaborativePrior | None, weights: Sequence[float], ks: Sequence[int] | None = None,
         run_id: str | None = None, rnd: int = -1,
-    ) -> Outcome:
+    ) -> Reply:
         """HR/NDCG/MRR of this client's valid or test users, one value per blend weight w, released
         only as noisy sums charged to the budget (or refused where the policy says evaluation off).
 
@@ -510,7 +490,7 @@ class ClientJob:
     def _evaluate(
         self, global_tensors: Mapping[str, torch.Tensor], *, which: str, prior: CollaborativePrior | None,
         betas: tuple[float, ...], ks: tuple[int, ...] | None, run_id: str | None, rnd: int,
-    ) -> Outcome:
+    ) -> Reply:
         state = self.state()
         req = RoundRequest(run_id or "-", rnd, 0, 0.0, 0.0)
         kind = f"eval-{which}" if prior is not None else f"eval-{which}-llm"
@@ -520,18 +500,18 @@ class ClientJob:
         conflict = self._pinned_conflict(state) or check_evaluation(
             self.policy, client=self.local.name, ks=ks, betas=weights)
         if conflict:
-            return self._refuse(state, STATUS_POLICY, conflict)
+            return self._refuse(state, wire.POLICY_CONFLICT, conflict)
         if which not in ("valid", "test"):
-            return self._refuse(state, STATUS_BAD_REQUEST, f"{self.local.name}: split {which!r} is not "
+            return self._refuse(state, wire.BAD_REQUEST, f"{self.local.name}: split {which!r} is not "
                                 "valid or test")
         if prior is not None and (bad := self._bad_prior(state, prior, run_id)) is not None:
-            return self._refuse(state, STATUS_BAD_REQUEST, bad)
+            return self._refuse(state, wire.BAD_REQUEST, bad)
         who = eval_users(self.split, which=which, users=self.users)
         if not who.user_ids:
-            return Outcome(STATUS_NO_DATA, self._base_metrics(state), reason="no evaluation users")
+            return Reply(wire.NO_DATA, self._base_metrics(state), reason="no evaluation users")
         sigma = self.policy.eval_noise_multiplier or state.eval_noise_multiplier
         if sigma is None:  # σ follows the announced plan: an evaluation before any release has none
-            return self._refuse(state, STATUS_POLICY, f"{POLICY_CONFLICT}: an evaluation before any "
+            return self._refuse(state, wire.POLICY_CONFLICT, f"{POLICY_CONFLICT}: an evaluation before any "
                                 f"prior or training release (no plan to size its noise) not allowed at "
                                 f"{self.local.name}")
         step = MechanismStep(noise_multiplier=sigma, sample_rate=1.0, steps=1)
@@ -553,7 +533,7 @@ class ClientJob:
             "split": which, "prior_sha256": _prior_digest(prior)}
         metrics |= self._base_metrics(state)
         chained = self._commit(state, req, kind, entry, metrics, {})
-        return Outcome(STATUS_OK, metrics, ledger=chained)
+        return Reply(wire.OK, metrics, ledger=chained)
 
     def _bad_prior(self, state: ClientState, prior: CollaborativePrior, run_id: str | None) -> str | None:
         """A received prior (already shape- and finiteness-checked): the catalogue's size, bounded,

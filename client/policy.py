@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 from fedrec.common.errors import ConfigError
 from fedrec.common.evaluation import BLEND_WEIGHTS
 from fedrec.common.privacy import accountants
+from fedrec.common.wire import POLICY_CONFLICT
 
 if TYPE_CHECKING:
     from fedrec.common.config import Config
 
-POLICY_CONFLICT = "policy-conflict"
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ class Policy:
             raise ConfigError(f"policy delta={self.delta!r} must be a number in (0, 1)")
         _finite_positive("clip-norm", self.clip_norm)
         if self.accountant not in accountants.TRAINING:
-            raise ConfigError(f"policy accountant={self.accountant!r}: choose one of {', '.join(accountants.TRAINING)}")
+            raise ConfigError(f"policy accountant={self.accountant!r}: choose one of "
+                              f"{', '.join(accountants.TRAINING)}")
         if not (_real(self.min_noise_multiplier) and 0 <= self.min_noise_multiplier < math.inf):
             raise ConfigError(f"policy min-noise-multiplier={self.min_noise_multiplier!r} must be a "
                               "finite number >= 0")

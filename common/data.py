@@ -17,6 +17,7 @@ Generic CSV format (UTF-8, header row required, extra columns allowed):
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import math
@@ -63,6 +64,17 @@ class Dataset:
         n = len(self.item_ids)
         if not len(self.item_titles) == len(self.item_texts) == len(self.item_genres) == n:
             raise ValueError("item_ids, item_titles, item_texts and item_genres must have equal length")
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the catalogue (ids, texts) and every user's history: the data set's identity in
+        run records (an adapter's AdapterRecord), whatever files or format it was read from."""
+        h = hashlib.sha256()
+        for item_id, text in zip(self.item_ids, self.item_texts, strict=True):
+            h.update(f"{item_id}\t{text}\n".encode())
+        for user in sorted(self.histories):
+            h.update(f"{user}:{','.join(map(str, self.histories[user]))}\n".encode())
+        return h.hexdigest()
 
     @cached_property
     def _index(self) -> dict[str, int]:

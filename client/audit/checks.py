@@ -138,7 +138,8 @@ def audit_ledger(
     audit.budget = _recorded(audit.entries, "budget", context.budget if context else None)
     audit.users = _recorded(audit.entries, "users", None)
     audit.delta = float(audit.entries[-1]["delta"])
-    history = [MechanismStep(noise_multiplier=e["noise_multiplier"], sample_rate=e["sample_rate"], steps=e["steps"]) for e in audit.entries]
+    history = [MechanismStep(noise_multiplier=e["noise_multiplier"], sample_rate=e["sample_rate"],
+                             steps=e["steps"]) for e in audit.entries]
     audit.rederived = accountants.running_epsilons(history, audit.delta)
     audit.checks += [
         _check_epsilon(audit, tol), _check_budget(audit, tol), _check_budget_fixed(audit.entries, context),
@@ -159,7 +160,8 @@ def _check_fields(entries: Sequence[Mapping[str, Any]]) -> Check:
         if missing:
             return Check(name, FAIL, f"entry {i} lacks {', '.join(missing)}: its ε cannot be re-derived")
         try:
-            MechanismStep(noise_multiplier=e["noise_multiplier"], sample_rate=e["sample_rate"], steps=e["steps"])
+            MechanismStep(noise_multiplier=e["noise_multiplier"], sample_rate=e["sample_rate"],
+                          steps=e["steps"])
         except PrivacyError as exc:
             return Check(name, FAIL, f"entry {i}: {exc}")
     deltas = {float(e["delta"]) for e in entries}

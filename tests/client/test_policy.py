@@ -13,7 +13,7 @@ import pytest
 import torch
 from fedrec.client import app as client_app
 from fedrec.client.audit import checks as audit
-from fedrec.client.local import ClientJob, LocalSettings, RoundRequest
+from fedrec.client.local import ClientJob, LocalSettings
 from fedrec.client.policy import Policy, policy_from_settings
 from fedrec.client.state import ClientState
 from fedrec.common.config import Config, to_run_config
@@ -22,6 +22,7 @@ from fedrec.common.errors import ConfigError, PrivacyError
 from fedrec.common.evaluation import BLEND_WEIGHTS
 from fedrec.common.privacy.analysis import MechanismStep, epsilon
 from fedrec.common.privacy.mechanisms import OS_ENTROPY, SEEDED
+from fedrec.common.wire import RoundRequest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from tests.client.test_app import context, fresh_process_cache, global_adapter, tiny_config, train_message

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from fedrec.common.rundir import atomic_write_bytes
+from safetensors.torch import load_file, save
 
 if TYPE_CHECKING:
     from fedrec.common.recommender import ItemEncoder
@@ -44,10 +45,7 @@ def catalogue_cached(encoder: ItemEncoder, texts: Sequence[str], *, cache_dir: P
         except Exception as exc:  # noqa: BLE001 - a damaged cache file is recomputed
             log.warning("catalogue cache %s unreadable (%s); recomputing", path, exc)
     catalogue = encoder.trunk(list(texts), batch_size=batch_size, progress=len(texts) > 256)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{id(catalogue)}.tmp")  # concurrent simulated clients
-        save_file({"inputs": catalogue.inputs.contiguous(), "residual": catalogue.residual.contiguous()},
-                  str(tmp))
-        tmp.replace(path)
+    if path is not None:  # simulated clients may write it at once: each rename is whole
+        atomic_write_bytes(path, save({"inputs": catalogue.inputs.contiguous(),
+                                       "residual": catalogue.residual.contiguous()}))
     return catalogue

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from fedrec.common.errors import ConfigError
+from fedrec.common.rundir import atomic_write_bytes
 
 GENESIS = "0" * 64
 CHAIN_FIELDS = ("seq", "prev_sha256", "entry_sha256")
@@ -156,13 +156,9 @@ def generate_key(out_dir: Path, *, name: str | None = None) -> tuple[Path, Path]
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-        f.flush()
-        os.fsync(f.fileno())
-    pub_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                       serialization.PublicFormat.SubjectPublicKeyInfo))
+    atomic_write_bytes(key_path, pem, mode=0o600)
+    atomic_write_bytes(pub_path, key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                               serialization.PublicFormat.SubjectPublicKeyInfo))
     return key_path, pub_path
 
 

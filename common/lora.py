@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 from fedrec.common.config import LoraConfig
 from fedrec.common.errors import AdapterError
+from fedrec.common.rundir import AdapterRecord, atomic_write_bytes
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 from torch import nn
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype]
@@ -106,12 +108,14 @@ def load_adapter(
 
 
 def save_adapter(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
-    """Write tensors to a safetensors file atomically; returns its sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(dict(tensors), str(tmp), metadata={k: str(v) for k, v in metadata.items()})
-    tmp.replace(path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """Write tensors to a safetensors file atomically (common/rundir.py); returns its sha256.
+
+    `metadata` holds the adapter's record (`AdapterRecord.to_metadata()`: the settings and the
+    base model's and data set's fingerprints) beside any plain strings, in the same file."""
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                metadata={k: str(v) for k, v in metadata.items()})
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_adapter(path: Path) -> dict[str, torch.Tensor]:
@@ -122,6 +126,20 @@ def read_adapter(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises several types for a corrupt file
         raise AdapterError(f"adapter file {path} cannot be read: {exc}") from None
+
+
+def read_adapter_metadata(path: Path) -> dict[str, str]:
+    """The metadata strings of an adapter file (its AdapterRecord among them, if it has one)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a corrupt file
+        raise AdapterError(f"adapter file {path} cannot be read: {exc}") from None
+
+
+def read_adapter_record(path: Path) -> AdapterRecord | None:
+    """The record saved beside the weights (None: a file written before records existed)."""
+    return AdapterRecord.from_metadata(read_adapter_metadata(path), source=str(path))
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -11,6 +11,7 @@ import torch
 from fedrec.common.assets import ModelFiles, resolve_model
 from fedrec.common.config import ModelConfig
 from fedrec.common.errors import AssetError
+from fedrec.common.rundir import atomic_directory
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -115,18 +116,16 @@ def _converted(files: ModelFiles, cache_dir: Path) -> tuple[Path, str | None]:
 
 
 def _save_converted(model: PreTrainedModel, tokenizer: object, target: Path) -> None:
-    tmp = target.with_name(target.name + ".tmp")
     # The GGUF weights are already de-quantised to `dtype`; drop the quantizer so they can be
     # written as plain safetensors.
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
-        (tmp / "complete").write_text("converted from GGUF\n")
-        tmp.replace(target)
+        with atomic_directory(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
+            (tmp / "complete").write_text("converted from GGUF\n")
     except OSError as exc:  # a cache we cannot write only costs time
         log.warning("could not cache the converted model at %s: %s", target, exc)
 

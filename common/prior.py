@@ -40,10 +40,11 @@ import numpy as np
 from fedrec.common.errors import ConfigError, DataError, PrivacyError
 from fedrec.common.privacy.analysis import MechanismStep, calibrate_noise
 from fedrec.common.privacy.mechanisms import MechanismRandom
+from fedrec.common.rundir import PRIOR as PRIOR_FILE  # noqa: F401  (older callers; rundir.PRIOR)
+from fedrec.common.rundir import ArtifactDir, atomic_write_bytes
 
 MECHANISM_POPULARITY = "prior-counts"  # ledger name of the popularity release (kept for old ledgers)
 MECHANISM_COOCCURRENCE = "prior-cooccurrence"
-PRIOR_FILE = "prior.safetensors"  # popularity, head and co-occurrence of a run, float32 / int64
 # β values tried for the popularity term and weights tried for the blend, on validation users
 PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 NOISE_SHRINK = 8.0  # cosine shrinkage per unit of the release's per-entry noise std (see the top)
@@ -332,13 +333,11 @@ def validate_prior(popularity: np.ndarray, head: np.ndarray, cooccurrence: np.nd
 
 
 def save_prior(directory: Path, prior: CollaborativePrior) -> None:
-    """Write `directory/prior.safetensors` (temporary file, then rename)."""
-    from safetensors.numpy import save_file
+    """Write `directory/prior.safetensors` atomically (common/rundir.py)."""
+    from safetensors.numpy import save
 
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (PRIOR_FILE + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in prior.tensors().items()}, str(tmp))
-    tmp.replace(directory / PRIOR_FILE)
+    data = save({k: np.ascontiguousarray(v) for k, v in prior.tensors().items()})
+    atomic_write_bytes(ArtifactDir(directory).prior, data)
 
 
 def load_prior(path: Path) -> CollaborativePrior:

@@ -10,13 +10,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from fedrec.common.errors import ConfigError
-from fedrec.common.rundir import package_versions
+from fedrec.common.rundir import atomic_write_bytes, atomic_write_text, package_versions
 from fedrec.server.deployment import scripts
 from fedrec.server.deployment.keys import (
-    _key_pem,
-    _script,
-    _write,
-    _write_private,
+    key_pem,
     make_ca,
     make_server_cert,
     read_institution_keys,
@@ -51,30 +48,30 @@ def init_deployment(
     (coord / "supernodes").mkdir(parents=True)
     if not insecure:
         ca_key, ca_cert = make_ca()
-        _write_private(root / "ca" / "ca.key", _key_pem(ca_key))
+        atomic_write_bytes(root / "ca" / "ca.key", key_pem(ca_key), mode=0o600)
         cert_key, cert = make_server_cert(ca_key, ca_cert, host)
-        _write(coord / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM))
-        _write(coord / "superlink.pem", cert.public_bytes(serialization.Encoding.PEM))
-        _write_private(coord / "superlink.key", _key_pem(cert_key))
+        atomic_write_bytes(coord / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM))
+        atomic_write_bytes(coord / "superlink.pem", cert.public_bytes(serialization.Encoding.PEM))
+        atomic_write_bytes(coord / "superlink.key", key_pem(cert_key), mode=0o600)
     for i, name in enumerate(institutions):
         site = root / "institutions" / name
         site.mkdir(parents=True)
         if name in keys and keys[name][0]:
-            _write(site / "supernode.pub", keys[name][0])
-            _write(coord / "supernodes" / f"{name}.pub", keys[name][0])
+            atomic_write_bytes(site / "supernode.pub", keys[name][0])
+            atomic_write_bytes(coord / "supernodes" / f"{name}.pub", keys[name][0])
         if name in keys and keys[name][1]:
-            _write(coord / "ledger-keys" / f"{name}.pub", keys[name][1])  # fedrec audit --trust
+            atomic_write_bytes(coord / "ledger-keys" / f"{name}.pub", keys[name][1])  # fedrec audit --trust
         if not insecure:
-            _write(site / "ca.pem", (coord / "ca.pem").read_bytes())
-        _write(site / "settings.toml", scripts.settings_toml(dep, name).encode())
-        _script(site / "supernode.sh", scripts.supernode_script(dep, i))
-        _write(site / "README.md", scripts.institution_readme(dep, name).encode())
-    _script(coord / "superlink.sh", scripts.superlink_script(dep))
-    _script(coord / "register-supernodes.sh", scripts.register_script(dep))
-    _script(coord / "run.sh", scripts.run_script(dep))
-    _write(coord / "flwr-home" / "config.toml", scripts.flwr_config(dep).encode())
-    _write(coord / "README.md", scripts.coordinator_readme(dep).encode())
-    _write(root / "deployment.json", (json.dumps(asdict(dep), indent=1) + "\n").encode())
+            atomic_write_bytes(site / "ca.pem", (coord / "ca.pem").read_bytes())
+        atomic_write_text(site / "settings.toml", scripts.settings_toml(dep, name))
+        atomic_write_text(site / "supernode.sh", scripts.supernode_script(dep, i), mode=0o755)
+        atomic_write_text(site / "README.md", scripts.institution_readme(dep, name))
+    atomic_write_text(coord / "superlink.sh", scripts.superlink_script(dep), mode=0o755)
+    atomic_write_text(coord / "register-supernodes.sh", scripts.register_script(dep), mode=0o755)
+    atomic_write_text(coord / "run.sh", scripts.run_script(dep), mode=0o755)
+    atomic_write_text(coord / "flwr-home" / "config.toml", scripts.flwr_config(dep))
+    atomic_write_text(coord / "README.md", scripts.coordinator_readme(dep))
+    atomic_write_text(root / "deployment.json", (json.dumps(asdict(dep), indent=1) + "\n"))
     if insecure:
         log.warning(INSECURE_BANNER)
     return dep

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedrec.common import chain
 from fedrec.common.errors import ConfigError
+from fedrec.common.rundir import atomic_write_bytes
 from fedrec.server.deployment.plan import NAME
 
 CA_DAYS, CERT_DAYS = 5 * 365, 2 * 365
@@ -71,8 +72,8 @@ def institution_keygen(out_dir: Path, *, name: str | None = None, supernode: boo
     written = list(chain.generate_key(out_dir))
     if supernode:
         private, public = make_node_keys(name or "institution")
-        _write_private(node_key, private)
-        _write(out_dir / "supernode.pub", public)
+        atomic_write_bytes(node_key, private, mode=0o600)
+        atomic_write_bytes(out_dir / "supernode.pub", public)
         written += [node_key, out_dir / "supernode.pub"]
     return written
 
@@ -144,23 +145,6 @@ def make_node_keys(name: str) -> tuple[bytes, bytes]:
     return private, public + f" fedrec-{name}\n".encode()
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-
-
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.chmod(0o600)  # private keys: readable by their owner only
-    path.write_bytes(data)
-
-
-def _script(path: Path, text: str) -> None:
-    _write(path, text.encode())
-    path.chmod(0o755)

@@ -27,11 +27,10 @@ from fedrec.common.catalogue import catalogue_cached
 from fedrec.common.config import Config, from_dict
 from fedrec.common.data import Dataset, load_dataset
 from fedrec.common.errors import ConfigError, DataError, RequestError
-from fedrec.common.lora import load_adapter, read_adapter
-from fedrec.common.prior import PRIOR_FILE, CollaborativePrior, history_matrix, load_prior
+from fedrec.common.lora import load_adapter, read_adapter, read_adapter_metadata, read_adapter_record
+from fedrec.common.prior import CollaborativePrior, history_matrix, load_prior
 from fedrec.common.recommender import ItemEncoder, Loaded, build_recommender, item_vectors
-from fedrec.common.rundir import read_jsonl
-from safetensors import safe_open
+from fedrec.common.rundir import PRIOR, RECORD_KEY, AdapterRecord, RunDir, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -116,27 +115,26 @@ class Scored:
 
 def locate_run(root: Path, method: str | None = None) -> RunArtifacts:
     """Find the adapter, prior counts, metrics and ledgers of a federated or central run."""
-    if not (root / "config.toml").is_file():
-        raise ConfigError(f"{root} is not a run directory (no config.toml); pass the --output of "
+    run = RunDir(root, create=False)
+    if not run.config.is_file():
+        raise ConfigError(f"{root} is not a run directory (no {run.config.name}); pass the --output of "
                           "`fedrec simulate` or `fedrec train-central`")
-    config, provenance = _read_config(root / "config.toml")
-    if method is None and not (root / "final" / "adapter.safetensors").is_file():
-        central = sorted(p.parent.parent.name for p in root.glob("*/final/adapter.safetensors"))
+    config, provenance = _read_config(run.config)
+    final = run.final(method)
+    if method is None and not final.adapter.is_file():
+        central = run.finals()
         if not central:
-            raise ConfigError(f"{root} holds no final adapter (final/adapter.safetensors); "
+            raise ConfigError(f"{root} holds no final adapter ({final.adapter.relative_to(root)}); "
                               "has its training finished?")
         raise ConfigError(f"{root} is a central run with several adapters; pass --method, one of: "
                           f"{', '.join(central)}")
-    final = root / "final" if method is None else root / method / "final"
-    if not (final / "adapter.safetensors").is_file():
-        raise ConfigError(f"--method {method}: {final / 'adapter.safetensors'} does not exist")
-    metrics_path = final / "metrics.json"
-    metrics = _read_json(metrics_path) if metrics_path.is_file() else {}
-    prior = final / PRIOR_FILE
-    ledgers = sorted((root / "ledgers").glob("*.jsonl")) if method is None \
-        else [p for p in [root / "ledgers" / f"{method}.jsonl"] if p.is_file()]
-    return RunArtifacts(root, config, provenance, method, final / "adapter.safetensors",
-                        prior if prior.is_file() else None, metrics, tuple(ledgers))
+    if not final.adapter.is_file():
+        raise ConfigError(f"--method {method}: {final.adapter} does not exist")
+    metrics = read_json(final.metrics) if final.metrics.is_file() else {}
+    ledgers = list(run.ledgers().values()) if method is None \
+        else [p for p in [run.ledger(method)] if p.is_file()]
+    return RunArtifacts(root, config, provenance, method, final.adapter,
+                        final.prior if final.prior.is_file() else None, metrics, tuple(ledgers))
 
 
 def _read_config(path: Path) -> tuple[Config, dict[str, Any]]:
@@ -146,16 +144,6 @@ def _read_config(path: Path) -> tuple[Config, dict[str, Any]]:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     provenance = raw.pop("provenance", {})
     return from_dict(Config, raw), provenance
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from None
-    return doc if isinstance(doc, dict) else {}
 
 
 def epsilon_summary(ledgers: Sequence[Path]) -> dict[str, dict[str, Any]]:
@@ -422,12 +410,17 @@ def _catalogue(spec: str, cfg: Config, *, cache_dir: Path, offline: bool) -> Dat
 
 
 def _check_base(run: RunArtifacts, loaded: Loaded) -> None:
-    """A run that recorded its base model's checksum must be served on that same model."""
-    recorded = run.provenance.get("model_sha256")
+    """An adapter must be served on the base model it was trained on: the fingerprint in its record
+    (every adapter written since records exist), else the run's provenance (older runs)."""
+    record = read_adapter_record(run.adapter)
+    recorded = record.model_fingerprint if record is not None else run.provenance.get("model_sha256")
     if recorded and recorded != loaded.base.fingerprint:
-        raise ConfigError(f"{run.root} was trained on base model {recorded[:12]}…, but "
+        raise ConfigError(f"{run.adapter} was trained on base model {recorded[:12]}…, but "
                           f"{run.config.model.name!r} now loads as {loaded.base.fingerprint[:12]}…; "
                           "serve it with the model it was trained on")
+    if record is None and not recorded:
+        log.warning("%s records no base-model fingerprint (written before adapter records); serving it on "
+                    "%s without that check", run.adapter, run.config.model.name)
 
 
 def _prior(run: RunArtifacts, num_items: int) -> tuple[CollaborativePrior | None, float | None]:
@@ -437,7 +430,7 @@ def _prior(run: RunArtifacts, num_items: int) -> tuple[CollaborativePrior | None
         return None, None
     if run.prior is None:
         log.warning("%s chose blend weight w=%s but holds no %s; serving the LLM score alone",
-                    run.root, weight, PRIOR_FILE)
+                    run.root, weight, run.prior.name if run.prior else PRIOR)
         return None, None
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
         raise DataError(f"{run.root}/final/metrics.json: blend_weight {weight!r} is not a finite number; "
@@ -457,8 +450,9 @@ def _prior(run: RunArtifacts, num_items: int) -> tuple[CollaborativePrior | None
 def _model_info(
     run: RunArtifacts, cfg: Config, loaded: Loaded, dataset: Dataset, weight: float | None, *, merged: bool,
 ) -> dict[str, Any]:
-    with safe_open(str(run.adapter), framework="pt") as fh:
-        metadata = dict(fh.metadata() or {})
+    metadata = read_adapter_metadata(run.adapter)
+    record = AdapterRecord.from_metadata(metadata, source=str(run.adapter))
+    metadata.pop(RECORD_KEY, None)  # its config may name local paths; the fingerprints are below
     ledgers = epsilon_summary(run.ledgers)
     epsilons = [v["epsilon"] for v in ledgers.values() if isinstance(v.get("epsilon"), int | float)]
     return {
@@ -467,6 +461,9 @@ def _model_info(
         "base_sha256": loaded.base.fingerprint,
         "adapter_sha256": sha256_file(run.adapter),
         "adapter_metadata": metadata, "lora_merged": merged,
+        "adapter_record": None if record is None else {
+            "model_fingerprint": record.model_fingerprint, "dataset_fingerprint": record.dataset_fingerprint,
+            "run": record.run, "rounds": record.rounds, "variant": record.variant},
         "rounds": run.metrics.get("rounds", _int_or_none(metadata.get("rounds"))),
         "dataset": {"name": dataset.name, "source": cfg.data.dataset, "items": len(dataset.item_ids)},
         "blend_weight": weight, "test_metrics": run.metrics.get("test"),

@@ -9,9 +9,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedrec.client.audit import command as audit_command
 from fedrec.common.errors import FedrecError
+
+if TYPE_CHECKING:
+    from fedrec.common.assets import Sources
+    from fedrec.common.config import Config
+    from fedrec.server.serving.service import ServeSettings
 
 log = logging.getLogger("fedrec")
 API_KEY_ENV = "FEDREC_API_KEY"
@@ -124,7 +130,7 @@ def _serving(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offline", action="store_true")
 
 
-def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def config_from_args(args: argparse.Namespace) -> Config:
     from fedrec.common.config import load_config
 
     overrides = list(args.overrides)
@@ -137,7 +143,7 @@ def config_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return load_config(args.config, overrides)
 
 
-def sources_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def sources_from_args(args: argparse.Namespace) -> Sources:
     from fedrec.common.assets import Sources, default_cache_dir, default_offline
 
     return Sources(cache_dir=args.cache_dir or default_cache_dir(),
@@ -213,7 +219,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _serve_settings(args: argparse.Namespace) -> ServeSettings:
     from fedrec.server.serving.service import ServeSettings
 
     return ServeSettings(method=args.method, data=args.data, device=args.device, merge=args.merge,

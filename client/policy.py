@@ -242,6 +242,6 @@ def _real(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
 
 
-def _finite_positive(key: str, value: object) -> None:
-    if not (_real(value) and 0 < value < math.inf):  # type: ignore[operator]
+def _finite_positive(key: str, value: Any) -> None:
+    if not (_real(value) and 0 < value < math.inf):
         raise ConfigError(f"policy {key}={value!r} must be a finite number > 0")

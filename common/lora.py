@@ -15,18 +15,18 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save
-from torch import nn
+from transformers import PreTrainedModel
 
 TensorSpec = tuple[tuple[int, ...], torch.dtype]
 
 
-def attach_lora(model: nn.Module, cfg: LoraConfig, *, seed: int = 0) -> PeftModel:
+def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, seed: int = 0) -> PeftModel:
     """Wrap `model` with LoRA; only LoRA tensors require grad (only B under FFA-LoRA).
 
     A is initialised from `seed`, so every party that attaches with the same seed holds the
     same A; FFA-LoRA relies on that, since A is never trained or sent.
     """
-    num_layers = int(model.config.num_hidden_layers)  # type: ignore[union-attr, arg-type]
+    num_layers = int(model.config.num_hidden_layers)
     layers = None
     if cfg.last_layers is not None:
         layers = list(range(max(0, num_layers - cfg.last_layers), num_layers))
@@ -44,14 +44,6 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, *, seed: int = 0) -> PeftMode
     for name, param in peft_model.named_parameters():
         param.requires_grad = _is_trainable(name, cfg.variant)
     return peft_model
-
-
-def frozen_layer_count(model: nn.Module, cfg: LoraConfig) -> int:
-    """How many leading transformer blocks carry no adapter (0 when every block has LoRA)."""
-    if cfg.last_layers is None:
-        return 0
-    num_layers = int(model.config.num_hidden_layers)  # type: ignore[union-attr, arg-type]
-    return max(0, num_layers - cfg.last_layers)
 
 
 def _is_trainable(name: str, variant: str) -> bool:

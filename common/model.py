@@ -19,6 +19,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
@@ -33,7 +34,7 @@ COLD_START_PROMPT = "A user describes their taste: {text}\nIn one word, the next
 @dataclass(frozen=True)
 class BaseModel:
     model: PreTrainedModel
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     fingerprint: str  # identifies the base weights in cache keys and run records
     source: str
 
@@ -115,7 +116,7 @@ def _converted(files: ModelFiles, cache_dir: Path) -> tuple[Path, str | None]:
     return files.path, files.gguf_file
 
 
-def _save_converted(model: PreTrainedModel, tokenizer: object, target: Path) -> None:
+def _save_converted(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
     # The GGUF weights are already de-quantised to `dtype`; drop the quantizer so they can be
     # written as plain safetensors.
     model.hf_quantizer = None  # type: ignore[assignment]
@@ -124,7 +125,7 @@ def _save_converted(model: PreTrainedModel, tokenizer: object, target: Path) -> 
     try:
         with atomic_directory(target) as tmp:
             model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
+            tokenizer.save_pretrained(tmp)
             (tmp / "complete").write_text("converted from GGUF\n")
     except OSError as exc:  # a cache we cannot write only costs time
         log.warning("could not cache the converted model at %s: %s", target, exc)

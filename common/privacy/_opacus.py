@@ -44,7 +44,7 @@ def _load() -> tuple[Any, Any]:
         _package(_PACKAGE, root)
         _package(f"{_PACKAGE}.accountants", root / "accountants")
         base = types.ModuleType(f"{_PACKAGE}.accountants.accountant")
-        base.IAccountant = _HistoryBase  # type: ignore[attr-defined]
+        vars(base)["IAccountant"] = _HistoryBase
         sys.modules[base.__name__] = base
     rdp = importlib.import_module(f"{_PACKAGE}.accountants.rdp")
     prv = importlib.import_module(f"{_PACKAGE}.accountants.prv")

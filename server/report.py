@@ -3,29 +3,29 @@
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fedrec.common.config import Config
-from fedrec.common.rundir import read_jsonl
+from fedrec.common.rundir import RunDir, atomic_write_text, read_json, read_jsonl
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
 
 def write_reports(root: Path, cfg: Config) -> None:
-    rounds = read_jsonl(root / "rounds.jsonl")
-    ledgers = {p.stem: read_jsonl(p) for p in sorted((root / "ledgers").glob("*.jsonl"))}
-    final = json.loads((root / "final" / "metrics.json").read_text())
+    run = RunDir(root, create=False)
+    rounds = read_jsonl(run.rounds)
+    ledgers = {name: read_jsonl(path) for name, path in run.ledgers().items()}
+    final = read_json(run.final().metrics)
     key = f"ndcg@{cfg.eval.ks[0]}"
     ndcg = [(r["round"], max(r["valid"]["metrics"][key])) for r in rounds if r["valid"]["metrics"].get(key)]
     eps = {c: [(x["round"], x["epsilon"]) for x in lines] for c, lines in ledgers.items()}
     md = _markdown(cfg, rounds, ledgers, final, key)
-    (root / "report.md").write_text(md)
+    atomic_write_text(run.report_md, md)
     plots = (line_plot({"global model": ndcg}, f"validation {key} (best blend weight)", "round")
              + line_plot(eps, "ε spent per client (user-level, δ in the ledgers)", "round"))
     body = "<pre>" + html.escape(md) + "</pre>"
-    (root / "report.html").write_text(
+    atomic_write_text(run.report_html,
         f"<!doctype html><meta charset='utf-8'><title>fedrec {html.escape(cfg.name)}</title>"
         f"<body style='font-family:sans-serif;max-width:60em'>{plots}{body}</body>\n")
 

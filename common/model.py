@@ -25,12 +25,6 @@ from transformers import (
 
 log = logging.getLogger(__name__)
 
-ITEM_PROMPT = "Item: {text}\nIn one word, this item is:"
-USER_PROMPT = "A user recently liked: {history}\nIn one word, the next item they will like is:"
-MIN_VARIABLE_TOKENS = 8  # room that must remain for the item text or the history
-COLD_START_PROMPT = "A user describes their taste: {text}\nIn one word, the next item they will like is:"
-
-
 @dataclass(frozen=True)
 class BaseModel:
     model: PreTrainedModel

@@ -109,9 +109,9 @@ def make_client_app(settings: SettingsFn | None = None) -> ClientApp:
             req, tensors, prior = _eval_request(msg), _tensors(msg), _prior(msg, job)
         except MALFORMED as exc:
             return _bad_request(msg, job, exc)
-        return _reply(msg, job.evaluate(tensors, which=req.split, prior=prior, weights=list(req.weights),
-                                        ks=None if req.ks is None else list(req.ks), run_id=req.run_id,
-                                        rnd=req.round), job.local.name)
+        outcome = job.evaluate(tensors, which=req.split, prior=prior, weights=list(req.weights),
+                               ks=None if req.ks is None else list(req.ks), run_id=req.run_id, rnd=req.round)
+        return _reply(msg, outcome, job.local.name)
 
     return app
 
@@ -239,6 +239,7 @@ def _bad_request(msg: Message, job: ClientJob, exc: Exception) -> Message:
 
 
 def _reply(msg: Message, outcome: Reply, name: str) -> Message:
+    """The reply Message: the job's wire reply in the records common/wire.py names."""
     content = RecordDict({
         wire.METRICS: MetricRecord(cast(dict[str, MetricRecordValues], outcome.metrics)),
         wire.STATUS: ConfigRecord(cast(dict[str, ConfigRecordValues], outcome.status_record(name))),

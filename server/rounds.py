@@ -269,8 +269,8 @@ class Coordinator:
 
     def _plain_round(self, rnd: int, request: RoundRequest, nodes: Sequence[int]) -> RoundOutcome:
         """Every client's adapter reaches the server; the strategy aggregates those that trained."""
-        prior = self.state.prior.tensors() if self.state.prior is not None else None  # the clients
-        # train the LLM on the residual of this prior's CF score
+        # the clients train the LLM on the residual of this prior's CF score
+        prior = self.state.prior.tensors() if self.state.prior is not None else None
         sent = Request(wire.TRAIN, request.to_config(), adapter=self.current, prior=prior)
         batch = self.transport.send(sent, nodes)
         replies, failures = accept(batch, self.identities, rnd, spec=self.spec,

@@ -9,7 +9,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -22,7 +22,7 @@ from fedrec.common.rundir import AdapterRecord, RunDir, read_json, read_jsonl
 from fedrec.common.wire import Reply
 from fedrec.server import evaluation, ledgers, rounds
 from fedrec.server.rounds import accept, run_server, sum_releases
-from fedrec.server.transport import Batch, Request, SecureBatch
+from fedrec.server.transport import Batch, Request, SecureBatch, Transport
 from fedrec.server.validation import Identities, check_eval_metrics, check_release
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -260,7 +260,7 @@ TINY = ['model.name="tiny-random"', "lora.rank=2", "lora.last_layers=1", "model.
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory) -> Loaded:  # type: ignore[no-untyped-def]
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> Loaded:
     return build_recommender(load_config(None, TINY), cache_dir=tmp_path_factory.mktemp("cache"), offline=True)
 
 
@@ -366,7 +366,7 @@ def test_the_server_says_what_it_waits_for(caplog) -> None:
     cfg = load_config(None, ["fed.clients=3"])
     caplog.set_level("INFO")
 
-    nodes = rounds.wait_for_nodes(Joining(), cfg, 3, poll=0.01)  # type: ignore[arg-type]
+    nodes = rounds.wait_for_nodes(cast(Transport, Joining()), cfg, 3, poll=0.01)  # only nodes() is asked
 
     assert nodes == [1, 2, 3]
     assert "waiting for SuperNodes: 1 of 3 connected; the run needs fed.clients=3 (or num-clients in the " \

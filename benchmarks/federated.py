@@ -55,7 +55,8 @@ from fedrec.common.privacy.analysis import calibrate_noise, default_delta
 from fedrec.common.recommender import build_recommender
 from fedrec.common.rundir import read_jsonl
 from fedrec.common.wire import RoundRequest
-from fedrec.server.app import choose_released_weight, validation_noise
+from fedrec.server.evaluation import choose_released_weight
+from fedrec.server.ledgers import validation_noise
 from fedrec.simulations.federated import simulate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "federated.json"

@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import torch
 from fedrec.client.local import (
     ClientJob,
@@ -33,19 +34,31 @@ from fedrec.client.secagg import secagg_mod
 from fedrec.common import wire
 from fedrec.common.assets import default_cache_dir, default_offline
 from fedrec.common.config import Config, from_run_config, to_dict
-from fedrec.common.data import leave_one_out, load_dataset
+from fedrec.common.data import Dataset, Split, leave_one_out, load_dataset
 from fedrec.common.errors import ConfigError, DataError
 from fedrec.common.prior import CollaborativePrior
 from fedrec.common.recommender import build_recommender
 from fedrec.common.rundir import package_versions
-from fedrec.common.wire import Reply, RoundRequest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from fedrec.common.wire import EvalRequest, Reply, RoundRequest
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    ConfigRecordValues,
+    Context,
+    Message,
+    MetricRecord,
+    MetricRecordValues,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 log = logging.getLogger(__name__)
 
 SettingsFn = Callable[[Context], tuple[Config, LocalSettings]]
 DEFAULT_SIMULATED_BUDGET = 8.0  # `flwr run .` simulated nodes without an epsilon-budget of their own
+# What a request that does not parse raises: a missing record or key, a value of the wrong type,
+# a WireError (common/wire.py), a prior that does not validate.
+MALFORMED = (KeyError, TypeError, ValueError, DataError)
 
 # Per process: the current client's job, and the model and data set every simulated client in
 # this process shares (each request loads the global adapter first, so nothing leaks between
@@ -55,40 +68,50 @@ _SHARED: dict[tuple[Any, ...], Any] = {}
 
 
 def make_client_app(settings: SettingsFn | None = None) -> ClientApp:
-    """A ClientApp whose clients get their config and local settings from `settings(context)`."""
+    """A ClientApp whose clients get their config and local settings from `settings(context)`.
+
+    Each handler parses the request (a malformed one is answered with status bad-request), calls
+    the client's job (client/local.py) and wraps its `wire.Reply` in the reply Message."""
     settings = settings or settings_from_context
     app = ClientApp(mods=[secagg_mod])  # SecAgg+ train messages (fed.secagg) pass through it
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         job = _job(*settings(context), context)
-        req = _request(msg.content["config"])
-        outcome = job.train(_tensors(msg), req, prior=_prior(msg, job))
-        return _reply(msg, outcome, job.local.name)
+        try:
+            req, tensors, prior = _round_request(msg), _tensors(msg), _prior(msg, job)
+        except MALFORMED as exc:
+            return _bad_request(msg, job, exc)
+        return _reply(msg, job.train(tensors, req, prior=prior), job.local.name)
 
-    @app.query("prior")
+    @app.query(wire.action(wire.QUERY_PRIOR))
     def prior(msg: Message, context: Context) -> Message:
         job = _job(*settings(context), context)
-        outcome = job.prior_counts(_request(msg.content["config"]))
-        return _reply(msg, outcome, job.local.name)
+        try:
+            req = _round_request(msg)
+        except MALFORMED as exc:
+            return _bad_request(msg, job, exc)
+        return _reply(msg, job.prior_counts(req), job.local.name)
 
-    @app.query("cooccurrence")
+    @app.query(wire.action(wire.QUERY_COOCCURRENCE))
     def cooccurrence(msg: Message, context: Context) -> Message:
         job = _job(*settings(context), context)
-        head = msg.content.array_records["head"].to_torch_state_dict()["head"].numpy()
-        outcome = job.cooccurrence(_request(msg.content["config"]), head)
-        return _reply(msg, outcome, job.local.name)
+        try:
+            req, head = _round_request(msg), _head(msg)
+        except MALFORMED as exc:
+            return _bad_request(msg, job, exc)
+        return _reply(msg, job.cooccurrence(req, head), job.local.name)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         job = _job(*settings(context), context)
         try:
-            request = _eval_request(msg, job)
-        except (KeyError, TypeError, ValueError, DataError) as exc:  # malformed: answered with a status
-            reason = f"{job.local.name}: bad evaluate message ({exc})"
-            outcome = Reply(wire.BAD_REQUEST, {}, reason=reason)
-            return _reply(msg, outcome, job.local.name)
-        return _reply(msg, job.evaluate(_tensors(msg), **request), job.local.name)
+            req, tensors, prior = _eval_request(msg), _tensors(msg), _prior(msg, job)
+        except MALFORMED as exc:
+            return _bad_request(msg, job, exc)
+        outcome = job.evaluate(tensors, which=req.split, prior=prior, weights=list(req.weights),
+                               ks=None if req.ks is None else list(req.ks), run_id=req.run_id, rnd=req.round)
+        return _reply(msg, outcome, job.local.name)
 
     return app
 
@@ -155,38 +178,50 @@ def _shared(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
     return _SHARED[key]
 
 
-def _client_data(cfg: Config, local: LocalSettings, context: Context):  # type: ignore[no-untyped-def]
+def _client_data(cfg: Config, local: LocalSettings, context: Context) -> tuple[Dataset, Split]:
     """A deployed client reads its own files; a simulated one takes its partition of the data set."""
     node = context.node_config
     if "data" in node:
         path = Path(str(node["data"]))
         dataset = load_dataset(path, fmt=cfg.data.format, rating_threshold=cfg.data.rating_threshold)
         return dataset, leave_one_out(dataset)
-    def build() -> tuple[Any, Any]:
+
+    def build() -> tuple[Dataset, dict[str, Split]]:
         dataset, split = load_split(cfg, cache_dir=local.cache_dir, offline=local.offline)
         return dataset, simulated_clients(cfg, dataset, split)
 
     dataset, clients = _shared(("data", to_key(cfg.data), to_key(cfg.fed), cfg.train.seed), build)
     if local.name not in clients:
         names = sorted(clients)
-        pid = int(node.get("partition-id", -1))  # type: ignore[call-overload]
+        pid = int(str(node.get("partition-id", -1)))
         if not 0 <= pid < len(names):
             raise ConfigError(f"client {local.name!r} is not one of the {len(names)} partitions")
         return dataset, clients[names[pid]]
     return dataset, clients[local.name]
 
 
-def _request(config: Mapping[str, Any]) -> RoundRequest:
-    return RoundRequest(
-        run_id=str(config["run-id"]), round=int(config["server-round"]),
-        num_rounds=int(config["num-rounds"]), local_epochs=float(config["local-epochs"]),
-        lr=float(config["lr"]), proximal_mu=float(config.get("proximal-mu", 0.0)),
-    )
+# --- Message <-> wire records ------------------------------------------------------------------
+
+
+def _round_request(msg: Message) -> RoundRequest:
+    return RoundRequest.from_config(dict(msg.content.config_records[wire.CONFIG]))
+
+
+def _eval_request(msg: Message) -> EvalRequest:
+    return EvalRequest.from_config(dict(msg.content.config_records[wire.CONFIG]))
+
+
+def _tensors(msg: Message) -> dict[str, torch.Tensor]:
+    return msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+
+
+def _head(msg: Message) -> np.ndarray:
+    return msg.content.array_records[wire.HEAD].to_torch_state_dict()[wire.HEAD].numpy()
 
 
 def _prior(msg: Message, job: ClientJob) -> CollaborativePrior | None:
     """The global prior a message carries, validated (shape, finite, item indices), or None."""
-    record = msg.content.array_records.get("prior")
+    record = msg.content.array_records.get(wire.PRIOR)
     if record is None:
         return None
     tensors = {k: v.numpy() for k, v in record.to_torch_state_dict().items()}
@@ -197,33 +232,22 @@ def _prior(msg: Message, job: ClientJob) -> CollaborativePrior | None:
     return prior
 
 
-def _eval_request(msg: Message, job: ClientJob) -> dict[str, Any]:
-    """The evaluate message's arguments, parsed; what they may ask for is the policy's business."""
-    config = msg.content["config"]
-    ks = config.get("ks")
-    return {
-        "which": str(config["split"]),
-        "prior": _prior(msg, job),
-        "weights": [float(b) for b in config.get("weights", [])],  # type: ignore[union-attr]
-        "ks": None if ks is None else [int(k) for k in ks],  # type: ignore[union-attr]
-        "run_id": str(config["run-id"]) if "run-id" in config else None,
-        "rnd": int(config.get("server-round", -1)),  # type: ignore[arg-type]
-    }
-
-
-def _tensors(msg: Message) -> dict[str, torch.Tensor]:
-    return msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+def _bad_request(msg: Message, job: ClientJob, exc: Exception) -> Message:
+    """A request that does not parse is refused with a status, never a crash of the client."""
+    reason = f"{job.local.name}: bad {msg.metadata.message_type} message ({exc})"
+    return _reply(msg, Reply(wire.BAD_REQUEST, {}, reason=reason), job.local.name)
 
 
 def _reply(msg: Message, outcome: Reply, name: str) -> Message:
+    """The reply Message: the job's wire reply in the records common/wire.py names."""
     content = RecordDict({
-        "metrics": MetricRecord(outcome.metrics),  # type: ignore[arg-type]
-        "status": ConfigRecord({"status": outcome.status, "reason": outcome.reason, "client": name}),
+        wire.METRICS: MetricRecord(cast(dict[str, MetricRecordValues], outcome.metrics)),
+        wire.STATUS: ConfigRecord(cast(dict[str, ConfigRecordValues], outcome.status_record(name))),
     })
     if outcome.tensors:
-        content["arrays"] = ArrayRecord(torch_state_dict=outcome.tensors)
+        content[wire.ARRAYS] = ArrayRecord(torch_state_dict=outcome.tensors)
     if outcome.ledger is not None:  # the whole chained line: hashes are strings, metrics only numbers
-        content["ledger"] = ConfigRecord(outcome.ledger)
+        content[wire.LEDGER] = ConfigRecord(outcome.ledger)
     return Message(content=content, reply_to=msg)
 
 

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from fedrec.common import wire
+from fedrec.common.wire import Reply
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -20,19 +22,15 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-LEDGER = "fedrec-ledger"  # FitRes metrics: the client's chained ledger line, as JSON (FitRes has no records)
-KEYS = "fedrec-keys"  # FitIns config: the adapter's tensor names, "\n"-joined, in parameter order
-WEIGHT = "fedrec-weight-key"  # FitIns config: the metric that is the client's weight
-
 
 def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """A ClientApp mod: SecAgg+ train messages go through Flower's secaggplus_mod, others pass."""
-    if msg.metadata.message_type != "train" or not is_secagg(msg):
+    if msg.metadata.message_type != wire.TRAIN or not is_secagg(msg):
         return call_next(msg, ctxt)
 
     def train(inner: Message, c: Context) -> Message:
         content, keys, weight_key = to_train_content(inner.content)
-        like = content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+        like = content.array_records[wire.ARRAYS].to_torch_state_dict()
         inner.content = content
         reply = call_next(inner, c)
         reply.content = to_fitres_content(reply.content, keys, weight_key, like)
@@ -46,28 +44,29 @@ def is_secagg(msg: Message) -> bool:
 
 
 def to_train_content(content: RecordDict) -> tuple[RecordDict, list[str], str]:
-    """The legacy FitIns records of a SecAgg+ message -> fedrec's train content ("arrays", "config")."""
+    """The legacy FitIns records of a SecAgg+ message -> fedrec's train content (adapter, config)."""
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
-    keys = str(fitins.config[KEYS]).split("\n")
+    keys = str(fitins.config[wire.SECAGG_KEYS]).split("\n")
     arrays = parameters_to_ndarrays(fitins.parameters)
     tensors = {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, arrays, strict=True)}
-    config = ConfigRecord({k: v for k, v in fitins.config.items() if k not in (KEYS, WEIGHT)})
-    train = RecordDict({"arrays": ArrayRecord(torch_state_dict=tensors), "config": config})
-    return train, keys, str(fitins.config[WEIGHT])
+    config = ConfigRecord({k: v for k, v in fitins.config.items()
+                           if k not in (wire.SECAGG_KEYS, wire.SECAGG_WEIGHT)})
+    train = RecordDict({wire.ARRAYS: ArrayRecord(torch_state_dict=tensors), wire.CONFIG: config})
+    return train, keys, str(fitins.config[wire.SECAGG_WEIGHT])
 
 
 def to_fitres_content(reply: RecordDict, keys: list[str], weight_key: str,
                       like: Mapping[str, torch.Tensor]) -> RecordDict:
     """fedrec's train reply -> FitRes records for secaggplus_mod; a refusal weighs 0 (zeros sent)."""
-    status = dict(reply.config_records.get("status", ConfigRecord({"status": "ok"})))
-    metrics = {k: v for k, v in reply.metric_records.get("metrics", {}).items()
+    status = dict(reply.config_records.get(wire.STATUS, {wire.STATUS_KEY: wire.OK}))
+    metrics = {k: v for k, v in reply.metric_records.get(wire.METRICS, {}).items()
                if isinstance(v, int | float)}
-    ok = status.get("status", "ok") == "ok" and "arrays" in reply.array_records
-    tensors = reply["arrays"].to_torch_state_dict() if ok else {}  # type: ignore[union-attr]
+    ok = Reply.parse_status(status)[0] == wire.OK and wire.ARRAYS in reply.array_records
+    tensors = reply.array_records[wire.ARRAYS].to_torch_state_dict() if ok else {}
     arrays = [(tensors[k] if ok else torch.zeros_like(like[k])).numpy() for k in keys]
     weight = int(round(float(metrics.get(weight_key, 0.0)))) if ok else 0
     extra = {k: str(v) for k, v in status.items()}
-    if "ledger" in reply.config_records:  # so the coordinator keeps the same chained line as without SecAgg+
-        extra[LEDGER] = json.dumps(dict(reply.config_records["ledger"]), sort_keys=True)
+    if wire.LEDGER in reply.config_records:  # the coordinator keeps the same chained line as without SecAgg+
+        extra[wire.SECAGG_LEDGER] = json.dumps(dict(reply.config_records[wire.LEDGER]), sort_keys=True)
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, {**metrics, **extra})
     return compat.fitres_to_recorddict(fitres, keep_input=True)

@@ -17,8 +17,9 @@ from typing import Any
 
 from fedrec.common.errors import DataError
 
-# --- message types (besides Flower's "train" and "evaluate") ---------------------------------------
+# --- message types ----------------------------------------------------------------------------------
 
+TRAIN, EVALUATE = "train", "evaluate"  # Flower's own categories (flwr.app.MessageType)
 QUERY_PRIOR = "query.prior"  # round 0: release noisy popularity
 QUERY_COOCCURRENCE = "query.cooccurrence"  # round 0: release noisy co-occurrence over a head
 
@@ -51,7 +52,10 @@ UNIFORM = "uniform"  # the weight of `fed.weighting = "uniform"`
 STEPS = "steps"
 EPSILON, DELTA, BUDGET = "epsilon", "delta", "budget"
 EPSILON_REFUSED = "epsilon_refused"  # the ε a refused release would have reached
-METRIC_PREFIXES = ("hr@", "ndcg@", "mrr@")
+LOSS = "loss"  # a training loss (fedrec's clients send none: it is not a release)
+LEDGER_PREFIX = "ledger."  # "ledger.<field>" metrics: the line of a client without ledger chains
+HR, NDCG, MRR = "hr@", "ndcg@", "mrr@"  # evaluation metrics, one per cut-off K: "ndcg@10"
+METRIC_PREFIXES = (HR, NDCG, MRR)
 
 # statuses
 OK, OVER_BUDGET, NO_DATA = "ok", "over-budget", "no-data"
@@ -62,11 +66,22 @@ SECAGG_LEDGER = "fedrec-ledger"  # FitRes metrics: the chained ledger line, as J
 SECAGG_KEYS = "fedrec-keys"  # FitIns config: the adapter's tensor names, "\n"-joined, in order
 SECAGG_WEIGHT = "fedrec-weight-key"  # FitIns config: the metric that is the client's weight
 
-SPLITS = ("valid", "test")
+VALID, TEST = "valid", "test"  # the evaluation splits
+SPLITS = (VALID, TEST)
 
 
 class WireError(DataError):
     """A message that does not parse: a missing or malformed key."""
+
+
+def action(message_type: str) -> str:
+    """The action of a "<category>.<action>" message type (the name a ClientApp handler registers)."""
+    return message_type.partition(".")[2]
+
+
+def metric_key(prefix: str, k: int) -> str:
+    """The name of one evaluation metric at cut-off `k`, e.g. metric_key(NDCG, 10) == "ndcg@10"."""
+    return f"{prefix}{k}"
 
 
 # --- requests ----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ multiplied by wᵢ/max_weight, so one client's resolution is 2·clip/2²² · ma
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from fedrec.client.secagg import KEYS, WEIGHT
+from fedrec.common import wire
 from fedrec.common.config import Config
+from fedrec.common.wire import Reply, WireError
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import (
     FitIns,
@@ -40,11 +42,11 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -52,7 +54,7 @@ class SecAggResult:
     """One secure round: the weighted mean (None if nothing to unmask) and each client's reply."""
 
     mean: dict[str, torch.Tensor] | None
-    replies: list[tuple[int, dict[str, Any]]]  # (node id, status + metrics of the FitRes)
+    replies: list[tuple[int, dict[str, Any]]]  # (node id, status + metrics of the FitRes): see `reply`
     failures: list[str]
     bytes_up: int  # all payload bytes the clients sent in the four stages
     bytes_down: int
@@ -121,13 +123,15 @@ def _count(x: float) -> int | float:
 
 
 def secagg_round(
-    grid: Grid, cfg: Config, rnd: int, current: Mapping[str, torch.Tensor], config: ConfigRecord,
+    grid: Grid, cfg: Config, rnd: int, current: Mapping[str, torch.Tensor], config: Mapping[str, Any],
     node_ids: Sequence[int], weight_key: str,
 ) -> SecAggResult:
-    """Run one training round under SecAgg+ on `node_ids`; return the unmasked weighted mean."""
+    """Run one training round under SecAgg+ on `node_ids` with the request `config` (a wire
+    RoundRequest's); return the unmasked weighted mean."""
     keys = sorted(current)
     params = ndarrays_to_parameters([current[k].detach().cpu().numpy() for k in keys])
-    fit_config = {**dict(config), "server-round": rnd, KEYS: "\n".join(keys), WEIGHT: weight_key}
+    fit_config = {**config, wire.ROUND: rnd, wire.SECAGG_KEYS: "\n".join(keys),
+                  wire.SECAGG_WEIGHT: weight_key}
     plan = _OneRound(FitIns(params, cast(dict[str, Any], fit_config)))
     counting = _CountingGrid(grid)
     manager = SimpleClientManager()
@@ -136,8 +140,8 @@ def secagg_round(
     base = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     ctx = LegacyContext(base, config=ServerConfig(num_rounds=cfg.fed.rounds),
                         strategy=cast(Any, plan), client_manager=manager)
-    ctx.state.config_records["config"] = ConfigRecord({"current_round": rnd})
-    ctx.state.array_records["parameters"] = compat.parameters_to_arrayrecord(params, keep_input=True)
+    ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: rnd})
+    ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params, keep_input=True)
 
     flow, state = workflow(cfg), WorkflowState()
     g = cast(Grid, counting)
@@ -146,7 +150,7 @@ def secagg_round(
     replies = [(cast(GridClientProxy, p).node_id, dict(res.metrics)) for p, res in state.legacy_results]
     failures = [f"secagg: {e}" for e in state.failures]
     mean = None
-    trained = [m for _, m in replies if m.get("status") == "ok"]
+    trained = [m for _, m in replies if m.get(wire.STATUS_KEY) == wire.OK]
     if ok and trained and flow.unmask_stage(g, ctx, state) and plan.aggregated is not None:
         arrays = parameters_to_ndarrays(plan.aggregated)
         mean = {k: torch.from_numpy(np.asarray(a, dtype=np.float32))
@@ -154,3 +158,17 @@ def secagg_round(
     elif not ok:
         failures.append(f"secagg: round {rnd} halted (fewer clients than the reconstruction threshold)")
     return SecAggResult(mean, replies, failures, counting.up, counting.down)
+
+
+def reply(metrics: Mapping[str, Any], *, bytes_up: int) -> tuple[Reply, Any]:
+    """A SecAgg+ FitRes's metrics as a wire reply (no tensors: the server sees only their mean),
+    and the client name as sent; the chained ledger line travels as JSON (FitRes has no records)."""
+    status, reason, client = Reply.parse_status(metrics)
+    try:
+        ledger = json.loads(str(metrics[wire.SECAGG_LEDGER])) if wire.SECAGG_LEDGER in metrics else None
+    except json.JSONDecodeError as exc:
+        raise WireError(f"its ledger line is not JSON ({exc.msg})") from None
+    if ledger is not None and not isinstance(ledger, dict):
+        raise WireError("its ledger line is not a JSON object")
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    return Reply(status, numbers, {}, reason, ledger, bytes_up=bytes_up), client

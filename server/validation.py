@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
+from fedrec.common import wire
+from fedrec.server.ledgers import release_scale
 
 # A client name becomes a file name (ledgers/<name>.jsonl): no separators, no leading dot.
 CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -22,7 +24,6 @@ MAX_USERS_PER_CLIENT = 10_000_000
 # Noise margin of a Gaussian release in standard deviations: a true coordinate exceeds it with
 # probability < 1e-23, so an honest release is never refused.
 NOISE_MARGIN = 10.0
-METRIC_PREFIXES = ("hr@", "ndcg@", "mrr@")
 
 
 def check_client_name(name: Any) -> str | None:
@@ -60,13 +61,10 @@ class Identities:
 def release_bound(line: Mapping[str, Any] | None) -> float | None:
     """Largest |value| a clipped Gaussian sum release can honestly hold: clip · (users + margin·σ)
     from the client's own ledger line (None when the line cannot bound it)."""
-    if line is None:
+    scale = release_scale(line, users_if_absent=MAX_USERS_PER_CLIENT)
+    if scale is None:
         return None
-    try:
-        clip, sigma = float(line["clip_norm"]), float(line["noise_multiplier"])
-        users = float(line.get("users", MAX_USERS_PER_CLIENT))
-    except (KeyError, TypeError, ValueError):
-        return None
+    clip, sigma, users = scale
     if not all(math.isfinite(x) and x >= 0 for x in (clip, sigma, users)) or clip == 0:
         return None
     return clip * (min(users, MAX_USERS_PER_CLIENT) + NOISE_MARGIN * sigma)
@@ -97,18 +95,29 @@ def check_release(array: np.ndarray | None, *, key: str, shape: tuple[int, ...] 
 def check_eval_metrics(metrics: Mapping[str, Any], *, expected_len: int) -> str | None:
     """Why an evaluation reply's metrics may not be averaged: a user count that is not a finite
     non-negative number, or a HR/NDCG/MRR list of the wrong length or outside [0, 1]."""
-    n = metrics.get("num-examples", 0.0)
-    if isinstance(n, bool) or not isinstance(n, int | float) or not math.isfinite(n) or not 0 <= n \
-            <= MAX_USERS_PER_CLIENT:
-        return f"num-examples {n!r} is not a user count"
+    n = metrics.get(wire.NUM_EXAMPLES, 0.0)
+    if not _number(n) or not 0 <= n <= MAX_USERS_PER_CLIENT:
+        return f"{wire.NUM_EXAMPLES} {n!r} is not a user count"
     for key, value in metrics.items():
-        if not key.startswith(METRIC_PREFIXES):
+        if not key.startswith(wire.METRIC_PREFIXES):
             continue
         values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
         if len(values) != expected_len:
             return f"{key} has {len(values)} values, {expected_len} were asked for"
         for v in values:
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
-                    or not 0 <= v <= 1:
+            if not _number(v) or not 0 <= v <= 1:
                 return f"{key} holds {v!r}, not a rate in [0, 1]"
     return None
+
+
+def check_weight(metrics: Mapping[str, Any], key: str) -> str | None:
+    """Why a training reply's aggregation weight (its `key` metric) may not weigh its adapter."""
+    w = metrics.get(key)
+    if not _number(w) or not 0 < w <= MAX_USERS_PER_CLIENT:
+        return f"its weight {key}={w!r} is not a number in (0, {MAX_USERS_PER_CLIENT}]"
+    return None
+
+
+def _number(value: Any) -> TypeGuard[int | float]:
+    """A finite int or float (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)

@@ -1,8 +1,13 @@
-"""The ClientApp called in-process with real Flower messages: what leaves a client, and when it refuses."""
+"""The ClientApp called in-process with real Flower messages: what leaves a client, and when it refuses.
+
+Messages are built as the SuperNode delivers them, with Flower's public `Metadata` and
+`make_message`: no Flower runtime, nothing of Flower's patched."""
 
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,8 +19,9 @@ from fedrec.common.config import Config, load_config
 from fedrec.common.lora import tensors_digest
 from fedrec.common.privacy.analysis import MechanismStep, epsilon
 from fedrec.common.recommender import build_recommender
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app.message import Message, make_message
+from flwr.app.metadata import Metadata
 
 
 def tiny_config(data: Path, *extra: str) -> Config:
@@ -30,10 +36,7 @@ def tiny_config(data: Path, *extra: str) -> Config:
 def fresh_process_cache():
     client_app._JOBS.clear()
     client_app._SHARED.clear()
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as the server side
     yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
     client_app._JOBS.clear()
     client_app._SHARED.clear()
 
@@ -47,11 +50,18 @@ def context() -> Context:
     return Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
 
 
+def instruction(content: RecordDict, message_type: str, node: int = 7) -> Message:
+    """A message from the server (node 0) as node `node` receives it."""
+    meta = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=node, reply_to_message_id="",
+                    group_id="", created_at=time.time(), ttl=DEFAULT_TTL, message_type=message_type)
+    return make_message(meta, content)
+
+
 def train_message(tensors: dict[str, torch.Tensor], rnd: int, **config) -> Message:
     cfg = ConfigRecord({"run-id": "r1", "server-round": rnd, "num-rounds": 2, "local-epochs": 0.5,
                         "lr": 0.01, **config})
     content = RecordDict({"arrays": ArrayRecord(torch_state_dict=tensors), "config": cfg})
-    return Message(content, dst_node_id=7, message_type="train")
+    return instruction(content, "train")
 
 
 def global_adapter(cfg: Config, tmp_path: Path, variant: str = "lora") -> dict[str, torch.Tensor]:
@@ -154,3 +164,25 @@ def test_a_deployed_client_takes_its_budget_from_its_own_node_config(tmp_path: P
     _, simulated = client_app.settings_from_context(
         Context(run_id=1, node_id=3, node_config={"partition-id": 1}, state=RecordDict(), run_config=run_config))
     assert simulated.name == "client-1" and simulated.state_dir == tmp_path / "server" / "clients" / "client-1"
+
+
+def test_a_malformed_request_is_answered_bad_request_and_spends_nothing(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data)
+    app = make_app(cfg, tmp_path, 8.0)
+    sent = global_adapter(cfg, tmp_path)
+    no_round = RecordDict({"arrays": ArrayRecord(torch_state_dict=sent),
+                           "config": ConfigRecord({"run-id": "r1", "num-rounds": 2, "local-epochs": 0.5, "lr": 0.01})})
+    no_head = RecordDict({"config": ConfigRecord({"run-id": "r1", "server-round": 0, "num-rounds": 2,
+                                                  "local-epochs": 0.5, "lr": 0.01})})
+    bad_prior = train_message(sent, 1)
+    bad_prior.content["prior"] = ArrayRecord(torch_state_dict={"popularity": torch.ones(3, 3)})
+
+    replies = [app(instruction(no_round, "train"), context()), app(instruction(no_head, "query.cooccurrence"), context()),
+               app(bad_prior, context())]
+
+    for reply in replies:
+        status = dict(reply.content["status"])
+        assert status["status"] == "bad-request" and status["client"] == "client-0"
+        assert "arrays" not in reply.content.array_records and "ledger" not in reply.content.config_records
+    assert "missing key 'server-round'" in dict(replies[0].content["status"])["reason"]
+    assert not (tmp_path / "state" / "ledger.jsonl").exists()

@@ -25,7 +25,14 @@ from fedrec.common.privacy.mechanisms import OS_ENTROPY, SEEDED
 from fedrec.common.wire import RoundRequest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from tests.client.test_app import context, fresh_process_cache, global_adapter, tiny_config, train_message
+from tests.client.test_app import (
+    context,
+    fresh_process_cache,
+    global_adapter,
+    instruction,
+    tiny_config,
+    train_message,
+)
 
 __all__ = ["fresh_process_cache"]  # the autouse fixture, imported so that it applies here too
 
@@ -46,7 +53,7 @@ def ledger(state: Path) -> list[dict]:
 
 def prior_message(rnd: int = 0, run: str = "r1") -> Message:
     cfg = ConfigRecord({"run-id": run, "server-round": rnd, "num-rounds": 2, "local-epochs": 0.5, "lr": 0.01})
-    return Message(RecordDict({"config": cfg}), dst_node_id=7, message_type="query.prior")
+    return instruction(RecordDict({"config": cfg}), "query.prior")
 
 
 def eval_message(tensors, *, counts=None, betas=None, ks=None, rnd: int = 1, run: str = "r1") -> Message:
@@ -59,7 +66,7 @@ def eval_message(tensors, *, counts=None, betas=None, ks=None, rnd: int = 1, run
     if counts is not None:
         content["prior"] = ArrayRecord(torch_state_dict={  # a popularity-only prior
             "popularity": torch.as_tensor(counts, dtype=torch.float32), "head": torch.zeros(0, dtype=torch.long)})
-    return Message(content, dst_node_id=7, message_type="evaluate")
+    return instruction(content, "evaluate")
 
 
 # --- the coordinator cannot weaken the guarantee -------------------------------------------------

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from fedrec.client.secagg import KEYS, WEIGHT, to_fitres_content, to_train_content
+from fedrec.client.secagg import to_fitres_content, to_train_content
+from fedrec.common.wire import SECAGG_KEYS, SECAGG_WEIGHT
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
@@ -12,7 +13,7 @@ from flwr.compat.common import recorddict_compat as compat
 def fitins_content(tensors: dict[str, torch.Tensor]) -> RecordDict:
     keys = sorted(tensors)
     params = ndarrays_to_parameters([tensors[k].numpy() for k in keys])
-    config = {"run-id": "r1", "server-round": 2, "lr": 0.01, KEYS: "\n".join(keys), WEIGHT: "num-examples"}
+    config = {"run-id": "r1", "server-round": 2, "lr": 0.01, SECAGG_KEYS: "\n".join(keys), SECAGG_WEIGHT: "num-examples"}
     return compat.fitins_to_recorddict(FitIns(params, config), keep_input=True)  # type: ignore[arg-type]
 
 

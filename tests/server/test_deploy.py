@@ -292,20 +292,20 @@ def sgd_rounds(lines: list[dict]) -> list[int]:
 
 
 def test_quorum_goes_ahead_without_a_missing_client_after_the_wait() -> None:
-    from fedrec.server import app as server_app
+    from fedrec.server import rounds
 
-    class Grid:
-        def get_node_ids(self) -> list[int]:
+    class Transport:
+        def nodes(self) -> list[int]:
             return [1, 2]
 
     cfg = load_config(None, ["fed.min_clients=2", "fed.join_wait=0.2"])
     start = time.monotonic()
 
-    nodes = server_app._nodes(Grid(), cfg, 3)  # type: ignore[arg-type]
+    nodes = rounds.wait_for_nodes(Transport(), cfg, 3)  # type: ignore[arg-type]
 
     assert nodes == [1, 2] and time.monotonic() - start >= 0.2
-    assert server_app.quorum(cfg, 3) == 2 and server_app.quorum(load_config(None, []), 3) == 3
-    assert not server_app._enough(cfg, 1, 1, 3) and server_app._enough(cfg, 1, 2, 3)
+    assert rounds.quorum(cfg, 3) == 2 and rounds.quorum(load_config(None, []), 3) == 3
+    assert not rounds.enough(cfg, 1, 1, 3) and rounds.enough(cfg, 1, 2, 3)
     with pytest.raises(ConfigError, match="min_clients"):
         load_config(None, ["fed.min_clients=0"])
 

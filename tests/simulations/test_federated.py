@@ -68,7 +68,7 @@ def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch, cap
     seen: list[dict[str, Any]] = []
     parse = server_app._parse
 
-    def spy(raw, spec, rnd, **kwargs):  # the ServerApp runs in this process: record every client message
+    def spy(raw, sent, rnd):  # the ServerApp runs in this process: record every client message it parses
         for msg in raw:
             if not msg.has_error():
                 c = msg.content
@@ -77,7 +77,7 @@ def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch, cap
                     "metrics": {k: dict(r) for k, r in c.metric_records.items()},
                     "configs": {k: dict(r) for k, r in c.config_records.items()},
                 })
-        return parse(raw, spec, rnd, **kwargs)
+        return parse(raw, sent, rnd)
 
     monkeypatch.setattr(server_app, "_parse", spy)
     out = tmp_path / "run"

@@ -38,11 +38,13 @@ from pathlib import Path
 
 import numpy as np
 from fedrec.common.errors import ConfigError, DataError, PrivacyError
+
+# the releases' ledger names live with the ledger; re-exported for older importers (server/app.py)
+from fedrec.common.ledger import MECHANISM_COOCCURRENCE as MECHANISM_COOCCURRENCE
+from fedrec.common.ledger import MECHANISM_POPULARITY as MECHANISM_POPULARITY
 from fedrec.common.privacy.analysis import MechanismStep, calibrate_noise
 from fedrec.common.privacy.mechanisms import MechanismRandom
 
-MECHANISM_POPULARITY = "prior-counts"  # ledger name of the popularity release (kept for old ledgers)
-MECHANISM_COOCCURRENCE = "prior-cooccurrence"
 PRIOR_FILE = "prior.safetensors"  # popularity, head and co-occurrence of a run, float32 / int64
 # β values tried for the popularity term and weights tried for the blend, on validation users
 PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)

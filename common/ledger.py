@@ -220,6 +220,11 @@ def entry_sha256(entry: Mapping[str, Any]) -> str | None:
     return None if value is None else str(value)
 
 
+def claimed_seq(entry: Mapping[str, Any]) -> Any:
+    """The chain position a line as written claims (None when it claims none), unchecked."""
+    return entry.get("seq")
+
+
 def adapter_sha256(entry: Mapping[str, Any]) -> str | None:
     """The digest of the tensors a line as received says it released (None when it does not say)."""
     value = entry.get("adapter_sha256")

@@ -283,12 +283,15 @@ class ClientJob:
 
     def _record(self, state: ClientState, req: RoundRequest, mechanism: str, step: MechanismStep, *,
                 clip: float, rng: MechanismRandom, tensors: Mapping[str, torch.Tensor],
-                accounted: bool = False, **evaluation: str) -> LedgerLine:
+                accounted: bool = False, split: str | None = None,
+                prior_sha256: str | None = None) -> LedgerLine:
         """One release's line, chained to the ledger. No user count: q and steps are public (see
-        the module docstring); the run and the digest of the tensors sent name the reply."""
+        the module docstring); the run and the digest of the tensors sent name the reply (an
+        evaluation's line adds its split and the digest of the prior it ranked with)."""
         return state.party.record(mechanism, step, rnd=req.round, clip_norm=clip, rng=rng.label,
                                   accounted=accounted, run_id=req.run_id,
-                                  adapter_sha256=tensors_digest(tensors), **evaluation)
+                                  adapter_sha256=tensors_digest(tensors), split=split,
+                                  prior_sha256=prior_sha256)
 
     def _commit(self, state: ClientState, req: RoundRequest, kind: str, line: LedgerLine,
                 metrics: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Reply:

@@ -117,8 +117,8 @@ class ClientState:
             raise PrivacyError(
                 f"{path} is not a prefix of the ledger in {self.dir.state}: one of them was "
                 "edited; restore both from a backup before this client releases anything")
-        log.warning("%s was %d line(s) short of state.json (a crash between the two writes); repaired",
-                    path, expected.count(b"\n") - current.count(b"\n"))
+        log.warning("%s was %d line(s) short of %s (a crash between the two writes); repaired",
+                    path, expected.count(b"\n") - current.count(b"\n"), self.dir.state.name)
         atomic_write_bytes(path, expected)
 
     def _load(self, path: Path) -> None:

@@ -22,6 +22,7 @@ from fedrec.common import ledger as ledgers
 from fedrec.common.errors import DataError, PrivacyError
 from fedrec.common.ledger import MECHANISM_POPULARITY, LedgerLine
 from fedrec.common.privacy import accountants
+from fedrec.common.rundir import CONFIG, ROUNDS
 
 PASS, FAIL, WARN, INFO = "pass", "fail", "warn", "info"
 
@@ -301,7 +302,7 @@ def _check_budget_fixed(lines: Sequence[LedgerLine], ctx: RunContext | None) -> 
                      + "): a budget is fixed once, so ε was measured against a moved goalpost")
     if ctx is not None and ctx.budget_binding and ctx.budget is not None \
             and not math.isclose(values[0], float(ctx.budget), rel_tol=1e-9):
-        return Check(name, FAIL, f"every entry records budget {values[0]:g}, but the run's config.toml gives "
+        return Check(name, FAIL, f"every entry records budget {values[0]:g}, but the run's {CONFIG} gives "
                      f"this client {float(ctx.budget):g}: the ledger or the config was rewritten")
     return Check(name, PASS, f"budget {values[0]:g} in every entry"
                  + (" = the run's config" if ctx is not None and ctx.budget_binding else ""))
@@ -346,7 +347,7 @@ def _check_rounds(lines: Sequence[LedgerLine], ctx: RunContext) -> Check:
         problems.append(f"rounds {off} record dp = false: trained without DP")
     missing = sorted(set(ctx.trained_rounds) - set(rounds))
     if missing:
-        problems.append(f"rounds {missing} were trained (rounds.jsonl) but have no ledger entry")
+        problems.append(f"rounds {missing} were trained ({ROUNDS}) but have no ledger entry")
     extra = sorted(set(rounds) - set(ctx.trained_rounds))
     if extra:
         problems.append(f"rounds {extra} are in the ledger but the run records no training in them")
@@ -359,7 +360,7 @@ def _check_rounds(lines: Sequence[LedgerLine], ctx: RunContext) -> Check:
         told = ctx.round_epsilon.get(x.round)
         if x.is_dp_sgd and told is not None and not math.isclose(told, float(x.epsilon), rel_tol=1e-9):
             problems.append(f"round {x.round}: ledger ε={x.epsilon:.4f} but the client reported "
-                            f"{told:.4f} in rounds.jsonl")
+                            f"{told:.4f} in {ROUNDS}")
     if problems:
         return Check(name, FAIL, "; ".join(problems))
     return Check(name, PASS, f"one entry for each of the {len(ctx.trained_rounds)} rounds trained"

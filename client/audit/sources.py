@@ -381,7 +381,8 @@ def assumptions(record: RunRecord | None, clients: Sequence[ClientAudit]) -> lis
     out += [
         Check("item catalogue text", INFO, "not covered, and needs no cover: public item titles and genres"),
         Check("evaluation metrics", INFO, "covered: clients release HR/NDCG/MRR sums of their own users "
-              "under the Gaussian mechanism ('dp-eval' lines, in ε above), or none (evaluation = off)"),
+              f"under the Gaussian mechanism ('{ledgers.MECHANISM_EVAL}' lines, in ε above), or none "
+              "(evaluation = off)"),
         Check("hyperparameters", WARN,
               "not covered: settings and the prior weight β chosen on validation users"),
     ]

@@ -17,7 +17,6 @@ No torch; the numbers are exactly those of the functions in common/privacy/analy
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -174,4 +173,4 @@ class Party:
 
 
 def _sigma(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x >= 0

@@ -29,19 +29,19 @@ from fedrec.common.prior import (
     head_items,
     noisy_cooccurrence,
     noisy_popularity,
-    plan_releases,
     user_items,
 )
-from fedrec.common.privacy.analysis import default_delta
+from fedrec.common.privacy.party import Party
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cf_shrink.json"
 FIXED = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 LEVELS = ((8.0, 1), (4.0, 1), (1.0, 1), (8.0, 3))  # (ε of each party, parties)
 
 
-def release(contributions: list[np.ndarray], *, num_items: int, epsilon: float, delta: float,
-            parties: int, head_size: int, rng: np.random.Generator) -> CollaborativePrior:
-    plan = plan_releases(epsilon=epsilon, delta=delta, share=1.0, popularity_share=0.3, cooccurrence=True)
+def release(contributions: list[np.ndarray], *, num_items: int, party: Party, parties: int, head_size: int,
+            rng: np.random.Generator) -> CollaborativePrior:
+    """`parties` parties, each with `party`'s plan (its ε, and δ for all users), release and sum."""
+    plan = party.prior_plan(share=1.0, popularity_share=0.3, cooccurrence=True)
     assert plan.cooccurrence_sigma is not None
     groups = np.array_split(np.arange(len(contributions)), parties)
     pop = sum(noisy_popularity([contributions[i] for i in g], num_items=num_items, clip=1.0,
@@ -65,13 +65,13 @@ def main() -> None:
     num_items = len(dataset.item_ids)
     contributions = user_items([tuple(split.train[u]) for u in users], num_items=num_items)
     valid = eval_users(split, which="valid")
-    delta = default_delta(len(users))
     rows = []
     for epsilon, parties in LEVELS:
+        party = Party(name=f"ε={epsilon:g}", users=len(users), budget=epsilon)  # δ = default_delta(users)
         scores: dict[str, list[float]] = {}
         noise = 0.0
         for draw in range(args.draws):
-            prior = release(contributions, num_items=num_items, epsilon=epsilon, delta=delta, parties=parties,
+            prior = release(contributions, num_items=num_items, party=party, parties=parties,
                             head_size=cfg.prior.head_size, rng=np.random.default_rng(draw))
             noise = prior.noise_std
             flat = CollaborativePrior(prior.popularity, prior.head, prior.cooccurrence)  # fixed shrink only

@@ -124,20 +124,18 @@ def _trained(dataset: Dataset, cold: ColdSplit, seed: int, *, private: bool) -> 
     """The item encoder trained on the cold split's training sequences only, the held-out items
     never in a softmax; under DP at ε = EPSILON with the shipped plan (q = 1, dp_epochs steps)."""
     from fedrec.client.train import DPSettings, LocalTrainer, objective, steps_for_epochs
-    from fedrec.common.privacy.accountant import PrivacyAccountant
-    from fedrec.common.privacy.analysis import calibrate_noise, default_delta
+    from fedrec.common.privacy.party import Party
 
     loaded, catalogue, cfg = _encoder_and_catalogue(dataset)
     train = cold.as_split().train
     sequences = {u: s for u, s in train.items() if len(s) >= 2}
     dp, accountant = None, None
-    if private:
-        delta = default_delta(len(train))
+    if private:  # one central party over the training users, its whole budget on DP-SGD
+        party = Party(name="central-dp-lora", users=len(train), budget=EPSILON)
         steps = steps_for_epochs(cfg.train.dp_epochs, cfg.train.sample_rate)
-        sigma = calibrate_noise(target_epsilon=EPSILON, delta=delta, sample_rate=cfg.train.sample_rate,
-                                steps=steps)
+        sigma = party.sgd_sigma(sample_rate=cfg.train.sample_rate, steps=steps)
         dp = DPSettings(sigma, cfg.privacy.clip_norm, cfg.train.sample_rate, normaliser=cfg.train.batch_size)
-        accountant = PrivacyAccountant()
+        accountant = party.accountant
     trainer = LocalTrainer(loaded.encoder, catalogue, sequences,
                            lr=cfg.train.dp_lr if private else cfg.train.lr,
                            batch_size=cfg.train.batch_size, objective=objective(cfg), dp=dp,

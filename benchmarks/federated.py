@@ -47,13 +47,15 @@ from typing import Any
 
 import psutil
 from fedrec.client.local import ClientJob, LocalSettings, load_split, simulated_clients
+from fedrec.common import wire
 from fedrec.common.assets import Sources, default_cache_dir
 from fedrec.common.config import Config, load_config
 from fedrec.common.evaluation import BLEND_WEIGHTS, CFSettings
-from fedrec.common.prior import PRIOR_FILE, CollaborativePrior, head_items, load_prior, plan_releases
-from fedrec.common.privacy.analysis import calibrate_noise, default_delta
+from fedrec.common.ledger import LedgerLine, read_ledger
+from fedrec.common.prior import CollaborativePrior, head_items, load_prior
+from fedrec.common.privacy.party import Party
 from fedrec.common.recommender import build_recommender
-from fedrec.common.rundir import read_jsonl
+from fedrec.common.rundir import RunDir, read_jsonl
 from fedrec.common.wire import RoundRequest
 from fedrec.server.evaluation import choose_released_weight
 from fedrec.server.ledgers import validation_noise
@@ -168,10 +170,11 @@ def run_privacy(overrides: list[str], eps: float, variant: str, sources: Sources
     t0 = time.perf_counter()
     final = simulate(cfg, out, sources)
     wall = time.perf_counter() - t0
-    rounds = read_jsonl(out / "rounds.jsonl")
-    ledgers = {p.stem: read_jsonl(p) for p in (out / "ledgers").glob("*.jsonl")}
-    spent = max(lines[-1]["epsilon"] for lines in ledgers.values())
-    delta = max(lines[-1]["delta"] for lines in ledgers.values())
+    run = RunDir(out, create=False)
+    rounds = read_jsonl(run.rounds)
+    ledgers = {name: read_ledger(path) for name, path in run.ledgers().items()}
+    spent = max(lines[-1].epsilon for lines in ledgers.values())
+    delta = max(lines[-1].delta for lines in ledgers.values())
     up = sum(r["bytes_up_per_client"] for r in rounds) / len(rounds)
     extra = {
         "epsilon": round(spent, 4), "delta": delta, "users": int(final["test_users"]),
@@ -183,9 +186,9 @@ def run_privacy(overrides: list[str], eps: float, variant: str, sources: Sources
     name = f"fed-dp-{variant}-eps{eps:g}"
     from safetensors.torch import load_file
 
-    prior = load_prior(out / "final" / PRIOR_FILE) if (out / "final" / PRIOR_FILE).is_file() else None
+    prior = load_prior(run.final().prior) if run.final().prior.is_file() else None
     weight = float(final["blend_weight"] or 0.0)
-    adapter = load_file(str(out / "final" / "adapter.safetensors"))
+    adapter = load_file(str(run.final().adapter))
     fused, cf, llm, users = exact_test(cfg, sources, adapter, prior, weight)
     extra["users"] = users
     extra["noised_test_ndcg@10"] = round(final["test"].get(f"ndcg@{cfg.eval.ks[0]}", float("nan")), 5)
@@ -219,27 +222,30 @@ def run_local(overrides: list[str], eps: float, sources: Sources, tmp: Path,
         req = RoundRequest("local", 0, cfg.fed.rounds, cfg.fed.local_epochs, cfg.train.lr)
         prior = None
         if cfg.prior.enabled:  # this client's own releases, its own head
-            counts = job.prior_counts(req).tensors["counts"].numpy().astype("float64")
+            counts = job.prior_counts(req).tensors[wire.COUNTS].numpy().astype("float64")
             head = head_items(counts, cfg.prior.head_size)
-            cooc = job.cooccurrence(req, head).tensors["cooccurrence"].numpy().astype("float64") \
-                if cfg.prior.cooccurrence else None
-            noise = (job.prior_plan().cooccurrence_sigma or 0.0) * job.policy.prior_clip_norm
-            prior = CollaborativePrior(counts, head if cooc is not None else head[:0], cooc,
-                                       noise if cooc is not None else 0.0)
+            cooc, noise = None, 0.0
+            if cfg.prior.cooccurrence:  # the release's σ·clip, as its ledger line says
+                released = job.cooccurrence(req, head)
+                cooc = released.tensors[wire.COOCCURRENCE].numpy().astype("float64")
+                line = LedgerLine.from_dict(released.ledger or {}, source=f"{name}'s co-occurrence")
+                noise = line.noise_std
+            prior = CollaborativePrior(counts, head if cooc is not None else head[:0], cooc, noise)
         current = dict(trainable)
         for rnd in range(1, cfg.fed.rounds + 1):
             out = job.train(current, RoundRequest("local", rnd, cfg.fed.rounds, cfg.fed.local_epochs,
                                                   cfg.train.lr), prior=prior)
             current = {**current, **out.tensors}
-            spent = max(spent, out.metrics["epsilon"])
+            spent = max(spent, out.metrics[wire.EPSILON])
         weights = list(BLEND_WEIGHTS) if prior is not None else []
         # the blend weight by the server's rule: the best DP-noised validation value, unless its
         # lead over CF alone is inside that noise (whose std the ledger line gives)
         outcome = job.evaluate(current, which="valid", prior=prior, weights=weights)
         evaluation = {"metrics": {k: v for k, v in outcome.metrics.items() if isinstance(v, list)},
-                      "betas": weights, "users": float(outcome.metrics.get("num-examples", 0.0))}
+                      "betas": weights, "users": float(outcome.metrics.get(wire.NUM_EXAMPLES, 0.0))}
         line = dict(outcome.ledger or {})
-        noise = validation_noise({name: [line]}, line.get("round", -1), evaluation) if line else 0.0
+        rnd = LedgerLine.from_dict(line, source=f"{name}'s evaluation").round if line else -1
+        noise = validation_noise({name: [line]}, rnd, evaluation) if line else 0.0
         weight = choose_released_weight(evaluation, f"ndcg@{cfg.eval.ks[0]}", noise) if weights else 1.0
         print(json.dumps({"client": name, "blend_weight": weight, "validation_noise_std": round(noise, 4)}),
               flush=True)
@@ -268,7 +274,7 @@ def run_scale(overrides: list[str], clients: int, users: int, sources: Sources, 
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         simulate(cfg, out, sources)
-    rounds = read_jsonl(out / "rounds.jsonl")
+    rounds = read_jsonl(RunDir(out, create=False).rounds)
     return {"method": f"scale-{clients}-clients", "clients": clients, "users": users,
             "peak_rss_mib": round(mem.peak / 2**20, 1), "wall_seconds": round(time.perf_counter() - t0, 1),
             "round_seconds": rounds[0]["seconds"],
@@ -286,10 +292,9 @@ def noise_rows() -> list[dict[str, Any]]:
     ]
     for label, users, clients, rounds, steps in plans:
         n = users // clients
-        delta = default_delta(n)
-        plan = plan_releases(epsilon=8.0, delta=delta, share=0.75, popularity_share=0.3, cooccurrence=True)
-        sigma = calibrate_noise(target_epsilon=8.0, delta=delta, sample_rate=1.0, steps=steps * rounds,
-                                prior=plan.steps)
+        party = Party(name=label, users=n, budget=8.0)  # one client: δ = default_delta(its users)
+        plan = party.prior_plan(share=0.75, popularity_share=0.3, cooccurrence=True)
+        sigma = party.sgd_sigma(sample_rate=1.0, steps=steps * rounds, planned=lambda p=plan: p.steps)
         rows.append({"method": "noise", "plan": label, "users_per_client": n, "sample_rate": 1.0,
                      "steps_total": steps * rounds, "noise_multiplier": round(sigma, 3),
                      "prior_noise_multipliers": [round(x.noise_multiplier, 3) for x in plan.steps],

@@ -34,7 +34,7 @@ from fedrec.client.policy import (
     check_prior,
     check_request,
 )
-from fedrec.client.state import ClientState, state_lock
+from fedrec.client.state import ClientState, state_ledger, state_lock
 from fedrec.client.train import DPSettings, LocalTrainer, objective, residual_cf, steps_for_epochs
 from fedrec.common import wire
 from fedrec.common.assets import resolve_dataset
@@ -58,25 +58,26 @@ from fedrec.common.evaluation import (
     evaluate_blends,
     llm_scores,
 )
+from fedrec.common.ledger import (
+    MECHANISM_COOCCURRENCE,
+    MECHANISM_DP_SGD,
+    MECHANISM_EVAL,
+    MECHANISM_NON_PRIVATE,
+    MECHANISM_POPULARITY,
+    PRIOR_MECHANISMS,
+    LedgerLine,
+)
 from fedrec.common.lora import adapter_spec, adapter_state, load_adapter, tensors_digest
 from fedrec.common.prior import (
-    MECHANISM_COOCCURRENCE,
-    MECHANISM_POPULARITY,
     CollaborativePrior,
     ReleasePlan,
     noisy_cooccurrence,
     noisy_popularity,
-    plan_releases,
     user_items,
 )
-from fedrec.common.privacy.analysis import (
-    MechanismStep,
-    calibrate_noise,
-    check_delta,
-    default_delta,
-    epsilon,
-)
+from fedrec.common.privacy.analysis import MechanismStep
 from fedrec.common.privacy.mechanisms import MechanismRandom, mechanism_random
+from fedrec.common.privacy.party import Party
 from fedrec.common.recommender import Loaded, build_recommender
 from fedrec.common.wire import Reply, RoundRequest
 
@@ -85,7 +86,6 @@ log = logging.getLogger(__name__)
 # A received prior count beyond this is not a sum of clipped, noised user counts of any real
 # catalogue; the client refuses to rank with it.
 MAX_PRIOR_COUNT = 1e9
-MAX_EVAL_SIGMA = 1e5  # an evaluation σ no budget can certify a smaller one for
 # test evaluations at the end of a run: the blend (and CF alone) in one, the LLM alone in another
 TEST_EVALUATIONS = 2
 
@@ -151,16 +151,18 @@ def simulated_clients(cfg: Config, dataset: Dataset, split: Split) -> dict[str, 
 
 
 class ClientJob:
-    """The model, data and durable privacy state of one client; one instance per process."""
+    """The model, data and durable privacy state of one client; one instance per process.
+
+    Its privacy is a `Party` (common/privacy/party.py) that its policy defines and its state
+    directory persists (client/state.py); this class adds the data, the model, the policy's checks
+    and the federated plan: which releases a run may still ask for."""
 
     def __init__(self, cfg: Config, local: LocalSettings, dataset: Dataset, split: Split,
                  loaded: Loaded | None = None) -> None:
         self.cfg, self.local, self.dataset, self.split = cfg, local, dataset, split
         self.policy = local.the_policy
         self.users = sorted(u for u, seq in split.train.items() if len(seq) >= 1)
-        n = max(1, len(self.users))
-        self.delta = self.policy.delta if self.policy.delta is not None else default_delta(n)
-        check_delta(self.delta, n)
+        self.delta = self.party().delta  # δ < 1/users is checked here, before any request
         self.sample_rate = cfg.train.sample_rate  # public: never batch_size / N
         self._loaded = loaded  # may be shared by the simulated clients of one process
         self._catalogue: Catalogue | None = None
@@ -184,9 +186,16 @@ class ClientJob:
             )
         return self._catalogue
 
+    def party(self) -> Party:
+        """This client's privacy unit as its policy defines it, with nothing spent yet."""
+        p = self.policy
+        return Party(name=self.local.name, users=max(1, len(self.users)), budget=p.epsilon_budget,
+                     delta=p.delta, accountant=p.accountant, min_noise_multiplier=p.min_noise_multiplier,
+                     policy_sha256=p.digest(), ledger=state_ledger(self.local.state_dir))
+
     def state(self) -> ClientState:
         """Re-read from disk on every request: the file, not memory, is the record."""
-        return ClientState(self.local.state_dir, accountant=self.policy.accountant)
+        return ClientState(self.local.state_dir, party=self.party())
 
     def _load_global(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Validate and load the received adapter: all LoRA tensors, or only B under FFA-LoRA."""
@@ -209,19 +218,18 @@ class ClientJob:
     def prior_plan(self) -> ReleasePlan:
         """σ of the popularity and co-occurrence releases: their policy share of this client's budget."""
         p = self.cfg.prior
-        return plan_releases(epsilon=self.policy.epsilon_budget, delta=self.delta,
-                             share=self.policy.prior_budget_share, popularity_share=p.popularity_share,
-                             cooccurrence=p.cooccurrence, accountant=self.policy.accountant,
-                             fixed_sigma=p.noise_multiplier)
+        return self.party().prior_plan(share=self.policy.prior_budget_share,
+                                       popularity_share=p.popularity_share, cooccurrence=p.cooccurrence,
+                                       fixed_sigma=p.noise_multiplier)
 
     def _planned(self, state: ClientState, req: RoundRequest) -> list[MechanismStep]:
         """The releases still to come besides DP-SGD: the prior (if not yet made) and one
         evaluation per remaining round plus the test (the most the server may ask for)."""
         out = []
         if self.cfg.prior.enabled and self.policy.allow_prior:
-            done = {e["mechanism"] for e in state.ledger}
-            names = (MECHANISM_POPULARITY, MECHANISM_COOCCURRENCE)
-            out += [s for s, m in zip(self.prior_plan().steps, names, strict=False) if m not in done]
+            done = state.party.ledger.mechanisms()
+            out += [s for s, m in zip(self.prior_plan().steps, PRIOR_MECHANISMS, strict=False)
+                    if m not in done]
         if self.policy.evaluation == "dp":
             remaining = max(1, req.num_rounds - req.round + 1) + TEST_EVALUATIONS
             out.append(MechanismStep(noise_multiplier=self.eval_sigma(state, req.num_rounds), sample_rate=1.0,
@@ -229,58 +237,32 @@ class ClientJob:
         return out
 
     def eval_sigma(self, state: ClientState, num_rounds: int) -> float:
-        """σ of an evaluation release: the policy's, or the one pinned at the first release, or
-        calibrated so that num_rounds validations and the test cost eval_budget_share · ε.
-
-        Below ε ≈ 0.2 at δ = 1e-5 the RDP conversion cannot certify any σ, so the target doubles
-        until one is found (at most the whole budget); past that, MAX_EVAL_SIGMA (the metrics are
-        then noise, and cost next to nothing in the composition)."""
-        fixed = self.policy.eval_noise_multiplier or state.eval_noise_multiplier
-        if fixed is not None:
-            return fixed
-        target = self.policy.eval_budget_share * self.policy.epsilon_budget
-        while True:
-            try:
-                return calibrate_noise(target_epsilon=target, delta=self.delta, sample_rate=1.0,
-                                       steps=max(1, num_rounds) + TEST_EVALUATIONS,
-                                       accountant=self.policy.accountant)
-            except PrivacyError:
-                if target >= self.policy.epsilon_budget:
-                    return MAX_EVAL_SIGMA
-                target = min(self.policy.epsilon_budget, 2 * target)
+        """σ of an evaluation release: the policy's, or the one kept since the first release, or
+        calibrated so that num_rounds validations and the test cost eval_budget_share · ε."""
+        return state.party.eval_sigma(share=self.policy.eval_budget_share,
+                                      releases=max(1, num_rounds) + TEST_EVALUATIONS,
+                                      fixed=self.policy.eval_noise_multiplier)
 
     def _pin_eval_sigma(self, state: ClientState, req: RoundRequest) -> None:
-        if self.policy.evaluation == "dp" and state.eval_noise_multiplier is None:
-            state.eval_noise_multiplier = self.eval_sigma(state, req.num_rounds)
+        if self.policy.evaluation == "dp" and state.party.eval_noise_multiplier is None:
+            state.party.eval_noise_multiplier = self.eval_sigma(state, req.num_rounds)
 
     def noise_multiplier(self, state: ClientState, req: RoundRequest) -> float:
         """σ of DP-SGD: fixed in the config, or calibrated once so the announced plan (prior,
         evaluations, num_rounds rounds) spends exactly this client's budget; then kept. Never
         below the policy's floor."""
-        if state.noise_multiplier is not None:
-            return state.noise_multiplier
-        if self.cfg.privacy.noise_multiplier is not None:
-            return max(self.cfg.privacy.noise_multiplier, self.policy.min_noise_multiplier)
-        remaining_rounds = req.num_rounds - req.round + 1
-        sigma = calibrate_noise(
-            target_epsilon=self.policy.epsilon_budget, delta=self.delta, sample_rate=self.sample_rate,
-            steps=self.steps_per_round(req.local_epochs) * max(1, remaining_rounds),
-            prior=[*state.accountant.history, *self._planned(state, req)],
-            accountant=self.policy.accountant,
-        )
-        return max(sigma, self.policy.min_noise_multiplier)
+        steps = self.steps_per_round(req.local_epochs) * max(1, req.num_rounds - req.round + 1)
+        return state.party.sgd_sigma(sample_rate=self.sample_rate, steps=steps,
+                                     planned=lambda: self._planned(state, req),
+                                     fixed=self.cfg.privacy.noise_multiplier)
 
     def _refusal(self, state: ClientState, planned: list[MechanismStep], what: str) -> Reply | None:
-        after = epsilon([*state.accountant.history, *planned], delta=self.delta,
-                        accountant=self.policy.accountant)
-        if after <= self.policy.epsilon_budget * (1 + 1e-9):
+        refusal = state.party.refusal(planned, what)
+        if refusal is None:
             return None
-        spent = state.accountant.epsilon(self.delta) if state.accountant.history else 0.0
-        reason = (f"{self.local.name}: {what} would raise ε from {spent:.3f} to {after:.3f}, over this "
-                  f"client's budget {self.policy.epsilon_budget:g} (δ={self.delta:.1e}); refused")
-        log.warning(reason)
-        return Reply(wire.OVER_BUDGET, self._base_metrics(state) | {"epsilon_refused": after},
-                       reason=reason)
+        log.warning(refusal.reason)
+        return Reply(wire.OVER_BUDGET, self._base_metrics(state) | {wire.EPSILON_REFUSED: refusal.epsilon},
+                     reason=refusal.reason)
 
     def _refuse(self, state: ClientState, status: str, reason: str) -> Reply:
         log.warning("%s", reason)
@@ -296,28 +278,29 @@ class ClientJob:
                 "clip norm); a new policy needs a new state directory")
 
     def _base_metrics(self, state: ClientState) -> dict[str, float]:
-        eps = state.accountant.epsilon(self.delta) if state.accountant.history else 0.0
-        return {"epsilon": eps, "delta": self.delta, "budget": self.policy.epsilon_budget}
+        party = state.party
+        return {wire.EPSILON: party.spent, wire.DELTA: party.delta, wire.BUDGET: party.budget}
 
-    def _ledger_entry(self, state: ClientState, rnd: int, mechanism: str, step: MechanismStep,
-                      clip: float, rng: MechanismRandom) -> dict[str, Any]:
-        """One release's line. No user count: q and steps are public (see the module docstring)."""
-        return {
-            "round": rnd, "mechanism": mechanism, "noise_multiplier": step.noise_multiplier,
-            "sample_rate": step.sample_rate, "steps": step.steps, "clip_norm": clip,
-            "delta": self.delta, "epsilon": state.accountant.epsilon(self.delta),
-            "accountant": self.policy.accountant, "budget": self.policy.epsilon_budget,
-            "dp": mechanism != MECHANISM_NON_PRIVATE, "rng": rng.label,
-            "policy_sha256": self.policy.digest(),
-        }
+    def _record(self, state: ClientState, req: RoundRequest, mechanism: str, step: MechanismStep, *,
+                clip: float, rng: MechanismRandom, tensors: Mapping[str, torch.Tensor],
+                accounted: bool = False, split: str | None = None,
+                prior_sha256: str | None = None) -> LedgerLine:
+        """One release's line, chained to the ledger. No user count: q and steps are public (see
+        the module docstring); the run and the digest of the tensors sent name the reply (an
+        evaluation's line adds its split and the digest of the prior it ranked with)."""
+        return state.party.record(mechanism, step, rnd=req.round, clip_norm=clip, rng=rng.label,
+                                  accounted=accounted, run_id=req.run_id,
+                                  adapter_sha256=tensors_digest(tensors), split=split,
+                                  prior_sha256=prior_sha256)
 
-    def _commit(self, state: ClientState, req: RoundRequest, kind: str, entry: dict[str, Any],
-                metrics: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    def _commit(self, state: ClientState, req: RoundRequest, kind: str, line: LedgerLine,
+                metrics: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Reply:
+        """Store the release durably (client/state.py), then reply with it and its chained line."""
         state.pin_policy(self.policy.to_dict(), self.policy.digest())
         if req.num_rounds > 0:  # a prior or training request announces the plan
             self._pin_eval_sigma(state, req)
-        return state.commit(run_id=req.run_id, kind=kind, rnd=req.round, ledger_entry=entry,
-                            metrics=metrics, tensors=tensors)
+        state.commit(run_id=req.run_id, kind=kind, rnd=req.round, line=line, metrics=metrics, tensors=tensors)
+        return Reply(wire.OK, metrics, tensors, ledger=line.to_dict())
 
     def _replay(self, state: ClientState, req: RoundRequest, kind: str) -> Reply | None:
         stored = state.answered_reply(req.run_id, kind, req.round)
@@ -350,7 +333,7 @@ class ClientJob:
         rng = self._random(req.round, "prior")
         counts = noisy_popularity(self._contributions(), num_items=len(self.dataset.item_ids), clip=clip,
                                   noise_multiplier=sigma, rng=rng)
-        tensors = {"counts": torch.from_numpy(counts.astype(np.float32))}
+        tensors = {wire.COUNTS: torch.from_numpy(counts.astype(np.float32))}
         return self._release(state, req, "prior", MECHANISM_POPULARITY, step, clip, rng, tensors)
 
     def cooccurrence(self, req: RoundRequest, head: np.ndarray) -> Reply:
@@ -385,7 +368,7 @@ class ClientJob:
         rng = self._random(req.round, "cooccurrence")
         matrix = noisy_cooccurrence(self._contributions(), head=head, clip=clip, noise_multiplier=sigma,
                                     rng=rng)
-        tensors = {"cooccurrence": torch.from_numpy(matrix.astype(np.float32))}
+        tensors = {wire.COOCCURRENCE: torch.from_numpy(matrix.astype(np.float32))}
         return self._release(state, req, "cooccurrence", MECHANISM_COOCCURRENCE, step, clip, rng, tensors)
 
     def _prior_answered(self, state: ClientState, req: RoundRequest, kind: str) -> Reply | None:
@@ -400,11 +383,8 @@ class ClientJob:
 
     def _release(self, state: ClientState, req: RoundRequest, kind: str, mechanism: str, step: MechanismStep,
                  clip: float, rng: MechanismRandom, tensors: dict[str, torch.Tensor]) -> Reply:
-        state.accountant.step(noise_multiplier=step.noise_multiplier, sample_rate=1.0, steps=1)
-        entry = self._ledger_entry(state, req.round, mechanism, step, clip, rng)
-        metrics = self._base_metrics(state) | _ledger_metrics(entry)
-        chained = self._commit(state, req, kind, entry, metrics, tensors)
-        return Reply(wire.OK, metrics, tensors, ledger=chained)
+        line = self._record(state, req, mechanism, step, clip=clip, rng=rng, tensors=tensors)
+        return self._commit(state, req, kind, line, self._base_metrics(state) | line.metrics(), tensors)
 
     def train(self, global_tensors: Mapping[str, torch.Tensor], req: RoundRequest,
               prior: CollaborativePrior | None = None) -> Reply:
@@ -437,7 +417,7 @@ class ClientJob:
             step = MechanismStep(noise_multiplier=sigma, sample_rate=self.sample_rate, steps=steps)
             if (refused := self._refusal(state, [step], f"round {req.round}")) is not None:
                 return refused
-            state.noise_multiplier = sigma
+            state.party.noise_multiplier = sigma
             dp = DPSettings(sigma, self.policy.clip_norm, self.sample_rate,
                             normaliser=self.cfg.train.batch_size,
                             secure_rng=self.cfg.privacy.secure_rng)
@@ -453,24 +433,23 @@ class ClientJob:
         )
         trainer.run(steps, desc=f"{self.local.name} round {req.round}", progress=False)  # loss stays here
         tensors = adapter_state(self.loaded.model, variant=self.cfg.lora.variant)
-        entry = self._train_entry(state, req.round, dp, steps, rng)
-        metrics = self._base_metrics(state) | train_scalars(steps) | _ledger_metrics(entry)
-        chained = self._commit(state, req, "train", entry, metrics, tensors)
-        return Reply(wire.OK, metrics, tensors, ledger=chained)
+        line = self._train_line(state, req, dp, steps, rng, tensors)
+        metrics = self._base_metrics(state) | train_scalars(steps) | line.metrics()
+        return self._commit(state, req, "train", line, metrics, tensors)
 
-    def _train_entry(self, state: ClientState, rnd: int, dp: DPSettings | None, steps: int,
-                     rng: MechanismRandom) -> dict[str, Any]:
+    def _train_line(self, state: ClientState, req: RoundRequest, dp: DPSettings | None, steps: int,
+                    rng: MechanismRandom, tensors: dict[str, torch.Tensor]) -> LedgerLine:
         """The DP-SGD line (the step hook already recorded it in the accountant), or, where the
         policy allows non-private training, a line that says so: σ = 0, ε = ∞ from then on."""
         if dp is not None:
             released = MechanismStep(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
                                      steps=steps)
-            return self._ledger_entry(state, rnd, "dp-sgd", released, dp.clip_norm, rng)
-        state.accountant.step(noise_multiplier=0.0, sample_rate=1.0, steps=steps)
+            return self._record(state, req, MECHANISM_DP_SGD, released, clip=dp.clip_norm, rng=rng,
+                                tensors=tensors, accounted=True)
         log.warning("%s: round %d trained WITHOUT differential privacy (allow-non-private = true)",
-                    self.local.name, rnd)
+                    self.local.name, req.round)
         none = MechanismStep(noise_multiplier=0.0, sample_rate=1.0, steps=steps)
-        return self._ledger_entry(state, rnd, MECHANISM_NON_PRIVATE, none, 0.0, rng)
+        return self._record(state, req, MECHANISM_NON_PRIVATE, none, clip=0.0, rng=rng, tensors=tensors)
 
     def evaluate(
         self, global_tensors: Mapping[str, torch.Tensor], *, which: str,
@@ -509,7 +488,7 @@ class ClientJob:
         who = eval_users(self.split, which=which, users=self.users)
         if not who.user_ids:
             return Reply(wire.NO_DATA, self._base_metrics(state), reason="no evaluation users")
-        sigma = self.policy.eval_noise_multiplier or state.eval_noise_multiplier
+        sigma = self.policy.eval_noise_multiplier or state.party.eval_noise_multiplier
         if sigma is None:  # σ follows the announced plan: an evaluation before any release has none
             return self._refuse(state, wire.POLICY_CONFLICT, f"{POLICY_CONFLICT}: an evaluation before any "
                                 f"prior or training release (no plan to size its noise) not allowed at "
@@ -528,12 +507,10 @@ class ClientJob:
             per_beta = evaluate_blends(cf, llm, who, weights=weights, ks=self.policy.eval_ks)
         rng = self._random(rnd, kind)
         metrics = noisy_metrics(per_beta, users=len(who.user_ids), sigma=step.noise_multiplier, rng=rng)
-        state.accountant.step(noise_multiplier=step.noise_multiplier, sample_rate=1.0, steps=1)
-        entry = self._ledger_entry(state, rnd, MECHANISM_EVAL, step, 1.0, rng) | {
-            "split": which, "prior_sha256": _prior_digest(prior)}
+        line = self._record(state, req, MECHANISM_EVAL, step, clip=1.0, rng=rng, tensors={}, split=which,
+                            prior_sha256=_prior_digest(prior))
         metrics |= self._base_metrics(state)
-        chained = self._commit(state, req, kind, entry, metrics, {})
-        return Reply(wire.OK, metrics, ledger=chained)
+        return self._commit(state, req, kind, line, metrics, {})
 
     def _bad_prior(self, state: ClientState, prior: CollaborativePrior, run_id: str | None) -> str | None:
         """A received prior (already shape- and finiteness-checked): the catalogue's size, bounded,
@@ -545,8 +522,8 @@ class ClientJob:
         if max(np.abs(prior.popularity).max(initial=0.0), np.abs(co).max(initial=0.0)) > MAX_PRIOR_COUNT:
             return f"{name}: prior statistics beyond ±{MAX_PRIOR_COUNT:g}; refused"
         digest = _prior_digest(prior)
-        used = {e.get("prior_sha256") for e in state.ledger
-                if e.get("mechanism") == MECHANISM_EVAL and e.get("run_id") == run_id and run_id}
+        used = {line.prior_sha256 for line in state.ledger
+                if line.is_evaluation and line.run_id == run_id and run_id}
         used.discard(_prior_digest(None))
         if used and digest not in used:
             return f"{name}: the prior differs from the one its earlier evaluations of this run used"
@@ -556,14 +533,10 @@ class ClientJob:
         return adapter_spec(self.loaded.model, variant=self.cfg.lora.variant)
 
 
-MECHANISM_NON_PRIVATE = "non-private"
-MECHANISM_EVAL = "dp-eval"
-
-
 def train_scalars(steps: int) -> dict[str, float]:
     """What a training reply says besides ε: uniform weight 1 (not the private user count), the
     public number of steps; no loss, no batch totals."""
-    return {"num-examples": 1.0, "uniform": 1.0, "steps": float(steps)}
+    return {wire.NUM_EXAMPLES: 1.0, wire.UNIFORM: 1.0, wire.STEPS: float(steps)}
 
 
 def noisy_metrics(per_beta: Sequence[Mapping[str, float]], *, users: int, sigma: float,
@@ -582,7 +555,7 @@ def noisy_metrics(per_beta: Sequence[Mapping[str, float]], *, users: int, sigma:
     count = max(1.0, users + float(rng.normal(0.0, scale, 1)[0]))
     noisy = sums + rng.normal(0.0, scale, sums.shape)
     means = np.clip(noisy / count, 0.0, 1.0)
-    out: dict[str, Any] = {"num-examples": count}
+    out: dict[str, Any] = {wire.NUM_EXAMPLES: count}
     for j, key in enumerate(keys):
         out[key] = [float(v) for v in means[:, j]]
     return out
@@ -593,7 +566,3 @@ def _prior_digest(prior: CollaborativePrior | None) -> str:
         return tensors_digest({})
     return tensors_digest({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in prior.tensors().items()})
 
-
-def _ledger_metrics(entry: Mapping[str, Any]) -> dict[str, float]:
-    keys = ("noise_multiplier", "sample_rate", "steps", "clip_norm", "delta", "epsilon")
-    return {f"ledger.{k}": float(entry[k]) for k in keys}

@@ -40,11 +40,8 @@ import numpy as np
 from fedrec.common.errors import ConfigError, DataError, PrivacyError
 from fedrec.common.privacy.analysis import MechanismStep, calibrate_noise
 from fedrec.common.privacy.mechanisms import MechanismRandom
-from fedrec.common.rundir import PRIOR as PRIOR_FILE  # noqa: F401  (older callers; rundir.PRIOR)
 from fedrec.common.rundir import ArtifactDir, atomic_write_bytes
 
-MECHANISM_POPULARITY = "prior-counts"  # ledger name of the popularity release (kept for old ledgers)
-MECHANISM_COOCCURRENCE = "prior-cooccurrence"
 # β values tried for the popularity term and weights tried for the blend, on validation users
 PRIOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 NOISE_SHRINK = 8.0  # cosine shrinkage per unit of the release's per-entry noise std (see the top)

@@ -10,6 +10,7 @@ file names are spelled:
       results.json, report.md, report.html tables and plots a person reads
       failed.json                          why a federated run stopped (no client trained)
       ledgers/<party>.jsonl                each party's ledger lines (common/ledger.py)
+      ledgers/<party>.key, .pub            a central party's ledger key, made on first use
       clients/<client>/                    a simulated client's own state directory (StateDir)
       checkpoints/round-<n>/               adapter, strategy and server state, prior (ArtifactDir)
       final/ or <method>/final/            adapter.safetensors (+ its AdapterRecord), metrics.json,
@@ -54,6 +55,7 @@ ADAPTER, METRICS, PRIOR = "adapter.safetensors", "metrics.json", "prior.safetens
 STRATEGY, SERVER_STATE = "strategy.safetensors", "server.json"
 STATE, LEDGER, REPLIES, LOCK = "state.json", "ledger.jsonl", "replies", ".lock"
 LEDGER_SUFFIX = ".jsonl"
+LEDGER_KEY_SUFFIX = ".key"  # chain.generate_key writes the public half beside it as .pub
 
 
 # --- durable writes (the one implementation) ---------------------------------------------------
@@ -290,6 +292,10 @@ class RunDir:
 
     def ledger(self, party: str) -> Path:
         return self.ledgers_dir / f"{party}{LEDGER_SUFFIX}"
+
+    def ledger_key(self, party: str) -> Path:
+        """The private ledger key of a party that signs in this run directory (a central method)."""
+        return self.ledgers_dir / f"{party}{LEDGER_KEY_SUFFIX}"
 
     def ledgers(self) -> dict[str, Path]:
         """Party name -> its ledger file, for every ledger the run holds."""

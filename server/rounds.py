@@ -29,8 +29,9 @@ from fedrec.common import wire
 from fedrec.common.config import Config, to_dict
 from fedrec.common.errors import AdapterError
 from fedrec.common.evaluation import BLEND_WEIGHTS
+from fedrec.common.ledger import MECHANISM_COOCCURRENCE, MECHANISM_POPULARITY
 from fedrec.common.lora import save_adapter, tensors_digest, validate_adapter
-from fedrec.common.prior import MECHANISM_COOCCURRENCE, MECHANISM_POPULARITY, CollaborativePrior, head_items
+from fedrec.common.prior import CollaborativePrior, head_items
 from fedrec.common.recommender import Loaded
 from fedrec.common.rundir import AdapterRecord, RunDir, atomic_write_json
 from fedrec.common.wire import EvalRequest, Reply, RoundRequest

@@ -1,11 +1,19 @@
-"""Centralized reference runs (no Flower): the yardstick that federated runs are compared with."""
+"""Centralized reference runs (no Flower): the yardstick that federated runs are compared with.
+
+Each private method is one party (common/privacy/party.py) over all users: its δ, its budget
+(privacy.target_epsilon), its plan and its ledger, `ledgers/<method>.jsonl`, whose lines are
+chained and signed like a federated client's with the method's own key beside it
+(`ledgers/<method>.key`, made on first use), so `fedrec audit <run>/ledgers/<method>.jsonl`
+verifies it.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +42,14 @@ from fedrec.common.evaluation import (
     evaluate,
     llm_scores,
 )
+from fedrec.common.ledger import MECHANISM_DP_SGD, PRIOR_MECHANISMS, Ledger, key_signer
 from fedrec.common.lora import adapter_state, load_adapter, save_adapter
-from fedrec.common.prior import (
-    MECHANISM_COOCCURRENCE,
-    MECHANISM_POPULARITY,
-    CollaborativePrior,
-    exact_prior,
-    plan_releases,
-    private_prior,
-    save_prior,
-)
-from fedrec.common.privacy.accountant import PrivacyAccountant
-from fedrec.common.privacy.analysis import calibrate_noise, check_delta, default_delta
+from fedrec.common.prior import CollaborativePrior, exact_prior, private_prior, save_prior
+from fedrec.common.privacy.analysis import MechanismStep
 from fedrec.common.privacy.mechanisms import MechanismRandom, mechanism_random
+from fedrec.common.privacy.party import Party
 from fedrec.common.recommender import Loaded, build_recommender
-from fedrec.common.rundir import RunDir
+from fedrec.common.rundir import RunDir, append_jsonl, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ class Context:
     delta: float
     loaded: Loaded | None = None
     catalogue: Catalogue | None = None
-    ledger_rounds: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_items(self) -> int:
@@ -80,6 +80,19 @@ class Context:
     def cf(self) -> CFSettings:
         return CFSettings(beta=self.cfg.prior.beta, shrink=self.cfg.prior.shrink)
 
+    def party(self, method: str) -> Party:
+        """The privacy unit of one private method: every user, the whole budget, its own ledger."""
+        return _party(self.cfg, len(self.users), method, self.run)
+
+
+def _party(cfg: Config, users: int, method: str, run: RunDir | None = None) -> Party:
+    """A central party; with `run`, its ledger is appended to ledgers/<method>.jsonl as it grows."""
+    ledger = None
+    if run is not None:
+        ledger = Ledger(path=run.ledger(method), signer=partial(key_signer, run.ledger_key(method)))
+    return Party(name=method, users=users, budget=cfg.privacy.target_epsilon, delta=cfg.privacy.delta,
+                 accountant=cfg.privacy.accountant, ledger=ledger)
+
 
 # --- data ----------------------------------------------------------------------------------
 
@@ -90,8 +103,7 @@ def prepare(cfg: Config, sources: Sources, run: RunDir) -> Context:
     dataset = load_dataset(path, fmt=cfg.data.format, rating_threshold=cfg.data.rating_threshold)
     split = sample_users(leave_one_out(dataset), cfg.data.max_users, cfg.train.seed)
     users = sorted(split.train)
-    delta = cfg.privacy.delta if cfg.privacy.delta is not None else default_delta(len(users))
-    check_delta(delta, len(users))
+    delta = _party(cfg, len(users), "central").delta  # every method's: checked < 1/users here
     log.info("data: %s, %d users, %d items", dataset.name, len(users), len(dataset.item_ids))
     return Context(
         cfg, sources, run, dataset, split, users,
@@ -110,11 +122,11 @@ def run_popularity(ctx: Context) -> list[dict[str, Any]]:
 
 
 def run_dp_popularity(ctx: Context) -> list[dict[str, Any]]:
-    accountant = PrivacyAccountant(accountant=ctx.cfg.privacy.accountant)
-    prior = release_prior(ctx, accountant, "dp-popularity", share=1.0, cooccurrence=False)
+    party = ctx.party("dp-popularity")
+    prior = release_prior(ctx, party, share=1.0, cooccurrence=False)
     metrics = evaluate(cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf), ctx.test,
                        ks=ctx.cfg.eval.ks)
-    return [_row(ctx, "dp-popularity", metrics, epsilon=accountant.epsilon(ctx.delta), seconds=0.0)]
+    return [_row(ctx, "dp-popularity", metrics, epsilon=party.spent, seconds=0.0)]
 
 
 def run_itemknn(ctx: Context) -> list[dict[str, Any]]:
@@ -128,29 +140,25 @@ def run_itemknn(ctx: Context) -> list[dict[str, Any]]:
 
 def run_dp_cooccurrence(ctx: Context) -> list[dict[str, Any]]:
     """CF only: popularity and co-occurrence released with the whole ε."""
-    accountant = PrivacyAccountant(accountant=ctx.cfg.privacy.accountant)
+    party = ctx.party("dp-cooccurrence")
     t0 = time.perf_counter()
-    prior = release_prior(ctx, accountant, "dp-cooccurrence", share=1.0, cooccurrence=True)
+    prior = release_prior(ctx, party, share=1.0, cooccurrence=True)
     metrics = evaluate(cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf), ctx.test,
                        ks=ctx.cfg.eval.ks)
-    save_prior(ctx.run.root / "dp-cooccurrence" / "final", prior)
-    return [_row(ctx, "dp-cooccurrence", metrics, epsilon=accountant.epsilon(ctx.delta),
-                 seconds=time.perf_counter() - t0)]
+    save_prior(ctx.run.final("dp-cooccurrence").root, prior)
+    return [_row(ctx, "dp-cooccurrence", metrics, epsilon=party.spent, seconds=time.perf_counter() - t0)]
 
 
-def release_prior(ctx: Context, accountant: PrivacyAccountant, ledger: str, *, share: float,
-                  cooccurrence: bool) -> CollaborativePrior:
-    """The private releases, recorded in `accountant` and the ledger (noise from OS entropy)."""
+def release_prior(ctx: Context, party: Party, *, share: float, cooccurrence: bool) -> CollaborativePrior:
+    """The private releases, spent by `party` and recorded in its ledger (noise from OS entropy)."""
     p = ctx.cfg.prior
-    plan = plan_releases(epsilon=ctx.cfg.privacy.target_epsilon, delta=ctx.delta, share=share,
-                         popularity_share=p.popularity_share, cooccurrence=cooccurrence,
-                         accountant=ctx.cfg.privacy.accountant, fixed_sigma=p.noise_multiplier)
+    plan = party.prior_plan(share=share, popularity_share=p.popularity_share, cooccurrence=cooccurrence,
+                            fixed_sigma=p.noise_multiplier)
     rng = _random(ctx, "prior")
     prior = private_prior(ctx.histories, num_items=ctx.num_items, plan=plan, head_size=p.head_size,
                           clip=p.clip_norm, rng=rng)
-    for step, mechanism in zip(plan.steps, (MECHANISM_POPULARITY, MECHANISM_COOCCURRENCE), strict=False):
-        accountant.step(noise_multiplier=step.noise_multiplier, sample_rate=1.0, steps=1)
-        _ledger(ctx, ledger, accountant, mechanism, step.noise_multiplier, 1.0, 1, p.clip_norm)
+    for step, mechanism in zip(plan.steps, PRIOR_MECHANISMS, strict=False):
+        _record(ctx, party, mechanism, step, clip=p.clip_norm)
     return prior
 
 
@@ -169,33 +177,29 @@ def run_central_lora(ctx: Context) -> list[dict[str, Any]]:
     loaded = _recommender(ctx)
     prior = exact_prior(ctx.histories, num_items=ctx.num_items, head_size=ctx.cfg.prior.head_size,
                         clip=ctx.cfg.prior.clip_norm) if ctx.cfg.prior.enabled else None
-    trainer = _trainer(ctx, loaded, prior, dp=None, accountant=None)
-    seconds = _train(ctx, trainer, "central-lora", accountant=None,
+    trainer = _trainer(ctx, loaded, prior, dp=None, party=None)
+    seconds = _train(ctx, trainer, "central-lora", party=None,
                      steps=steps_for_epochs(ctx.cfg.train.epochs, trainer.sample_rate))
     return _fused_rows(ctx, "central-lora", prior, epsilon=None, seconds=seconds)
 
 
 def run_central_dp_lora(ctx: Context) -> list[dict[str, Any]]:
     cfg = ctx.cfg
-    accountant = PrivacyAccountant(accountant=cfg.privacy.accountant)
+    party = ctx.party("central-dp-lora")
     prior = None
     if cfg.prior.enabled:
-        prior = release_prior(ctx, accountant, "central-dp-lora", share=cfg.prior.budget_share,
-                              cooccurrence=cfg.prior.cooccurrence)
+        prior = release_prior(ctx, party, share=cfg.prior.budget_share, cooccurrence=cfg.prior.cooccurrence)
     q = cfg.train.sample_rate
     steps = steps_for_epochs(cfg.train.dp_epochs, q)
-    sigma = calibrate_noise(
-        target_epsilon=cfg.privacy.target_epsilon, delta=ctx.delta, sample_rate=q, steps=steps,
-        prior=accountant.history, accountant=cfg.privacy.accountant,
-    )
+    sigma = party.sgd_sigma(sample_rate=q, steps=steps)  # what the prior left spends the rest
     log.info("DP-SGD: q=%.4f steps=%d σ=%.3f (ε target %.2f, δ=%.2e)", q, steps, sigma,
              cfg.privacy.target_epsilon, ctx.delta)
     loaded = _recommender(ctx)
     dp = DPSettings(sigma, cfg.privacy.clip_norm, q, normaliser=cfg.train.batch_size,
                     secure_rng=cfg.privacy.secure_rng)
-    trainer = _trainer(ctx, loaded, prior, dp=dp, accountant=accountant)
-    seconds = _train(ctx, trainer, "central-dp-lora", accountant=accountant, steps=steps)
-    return _fused_rows(ctx, "central-dp-lora", prior, epsilon=accountant.epsilon(ctx.delta), seconds=seconds)
+    trainer = _trainer(ctx, loaded, prior, dp=dp, party=party)
+    seconds = _train(ctx, trainer, "central-dp-lora", party=party, steps=steps)
+    return _fused_rows(ctx, "central-dp-lora", prior, epsilon=party.spent, seconds=seconds)
 
 
 METHODS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
@@ -211,7 +215,7 @@ METHODS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
 
 def run_central(cfg: Config, out: Path, sources: Sources) -> list[dict[str, Any]]:
     """Run every method in cfg.train.methods on one split; write the run directory; return rows."""
-    if (out / "results.json").exists() or (out / "ledgers").exists():
+    if RunDir(out, create=False).results.exists() or RunDir(out, create=False).ledgers_dir.exists():
         raise ConfigError(f"{out} already holds a run; choose another --output or remove it")
     run = RunDir(out)
     ctx = prepare(cfg, sources, run)
@@ -219,12 +223,12 @@ def run_central(cfg: Config, out: Path, sources: Sources) -> list[dict[str, Any]
     for method in cfg.train.methods:
         log.info("method %s", method)
         rows.extend(METHODS[method](ctx))
-        run.write_json("results.json", {"rows": rows})
+        atomic_write_json(run.results, {"rows": rows})
     provenance = {"dataset": ctx.dataset.name, "users": len(ctx.users), "delta": ctx.delta}
     if ctx.loaded is not None:
         provenance |= {"model_source": ctx.loaded.base.source, "model_sha256": ctx.loaded.base.fingerprint}
     run.write_config(cfg, provenance)
-    run.write_text("report.md", results_table(rows))
+    atomic_write_text(run.report_md, results_table(rows))
     return rows
 
 
@@ -250,19 +254,18 @@ def _catalogue(ctx: Context) -> Catalogue:
 
 
 def _trainer(ctx: Context, loaded: Loaded, prior: CollaborativePrior | None, *, dp: DPSettings | None,
-             accountant: PrivacyAccountant | None) -> LocalTrainer:
+             party: Party | None) -> LocalTrainer:
     cfg = ctx.cfg
     return LocalTrainer(
         loaded.encoder, _catalogue(ctx), {u: ctx.split.train[u] for u in ctx.users},
         lr=cfg.train.dp_lr if dp else cfg.train.lr, batch_size=cfg.train.batch_size, objective=objective(cfg),
-        residual=residual_cf(prior, cfg), dp=dp, accountant=accountant,
+        residual=residual_cf(prior, cfg), dp=dp, accountant=party.accountant if party is not None else None,
         seed=cfg.train.seed, rng=_random(ctx, "train") if dp else None,
         popularity=prior.popularity if prior is not None else None,
     )
 
 
-def _train(ctx: Context, trainer: LocalTrainer, method: str, *, accountant: PrivacyAccountant | None,
-           steps: int) -> float:
+def _train(ctx: Context, trainer: LocalTrainer, method: str, *, party: Party | None, steps: int) -> float:
     """Train in rounds of one expected pass, one rounds.jsonl line (and ledger line) each; seconds."""
     per_round = steps_for_epochs(1.0, trainer.sample_rate)
     start, done, rnd = time.perf_counter(), 0, 0
@@ -272,17 +275,18 @@ def _train(ctx: Context, trainer: LocalTrainer, method: str, *, accountant: Priv
         result = trainer.run(n, desc=f"{method} round {rnd + 1}")
         done, rnd = done + n, rnd + 1
         record: dict[str, Any] = {"round": rnd, "steps": n, "seconds": round(time.perf_counter() - t0, 3)}
-        if accountant is None:  # a non-private run may report its loss; a private one does not
+        if party is None:  # a non-private run may report its loss; a private one does not
             record |= {"loss": result.mean_loss, "users": result.users_seen}
-        if accountant is not None and trainer.dp is not None:
-            record["epsilon"] = accountant.epsilon(ctx.delta)
-            _ledger(ctx, method, accountant, "dp-sgd", trainer.dp.noise_multiplier,
-                    trainer.dp.sample_rate, n, trainer.dp.clip_norm)
-        ctx.run.append_jsonl(f"{method}/rounds.jsonl", record)
+        if party is not None and trainer.dp is not None:
+            record["epsilon"] = party.accountant.epsilon(ctx.delta)
+            dp = trainer.dp  # the step hook composed the steps that ran; the line records them
+            block = MechanismStep(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=n)
+            _record(ctx, party, MECHANISM_DP_SGD, block, clip=dp.clip_norm, accounted=True)
+        append_jsonl(ctx.run.method_rounds(method), record)
     seconds = time.perf_counter() - start
     log.info("%s: %d steps in %.0f s", method, steps, seconds)
     assert ctx.loaded is not None
-    save_adapter(ctx.run.root / method / "final" / "adapter.safetensors", adapter_state(ctx.loaded.model),
+    save_adapter(ctx.run.final(method).adapter, adapter_state(ctx.loaded.model),
                  {"method": method, "base_model": ctx.loaded.base.fingerprint})
     return seconds
 
@@ -293,20 +297,12 @@ def _random(ctx: Context, purpose: str) -> MechanismRandom:
                             purpose=("central", purpose))
 
 
-def _ledger(
-    ctx: Context, name: str, accountant: PrivacyAccountant, mechanism: str, sigma: float,
-    q: float, steps: int, clip: float,
-) -> None:
-    """One ledger line per mechanism release; ε is the accountant's after this release."""
-    ctx.ledger_rounds[name] = ctx.ledger_rounds.get(name, 0) + 1
-    record = {
-        "round": ctx.ledger_rounds[name], "mechanism": mechanism, "noise_multiplier": sigma,
-        "sample_rate": q, "steps": steps, "clip_norm": clip, "delta": ctx.delta,
-        "epsilon": accountant.epsilon(ctx.delta), "accountant": ctx.cfg.privacy.accountant,
-        "users": len(ctx.users), "budget": ctx.cfg.privacy.target_epsilon,
-        "rng": _random(ctx, "label").label,
-    }
-    ctx.run.append_jsonl(f"ledgers/{name}.jsonl", record)
+def _record(ctx: Context, party: Party, mechanism: str, step: MechanismStep, *, clip: float,
+            accounted: bool = False) -> None:
+    """One ledger line per release, numbered from 1 in its party's ledger; ε the party's after it.
+    A central party has no private user count: it records its users (the audit checks δ < 1/users)."""
+    party.record(mechanism, step, rnd=len(party.ledger.lines) + 1, clip_norm=clip,
+                 rng=_random(ctx, "label").label, accounted=accounted, users=len(ctx.users))
 
 
 def _fused_rows(ctx: Context, method: str, prior: CollaborativePrior | None, *, epsilon: float | None,
@@ -318,7 +314,7 @@ def _fused_rows(ctx: Context, method: str, prior: CollaborativePrior | None, *, 
     llm_test = llm_scores(vectors, ctx.test.histories, window=window)
     alone = evaluate(llm_test, ctx.test, ks=cfg.eval.ks)
     if prior is None:
-        ctx.run.write_json(f"{method}/final/metrics.json", {"test": alone})
+        atomic_write_json(ctx.run.final(method).metrics, {"test": alone})
         return [_row(ctx, method, alone, epsilon=epsilon, seconds=seconds)]
     key = f"ndcg@{cfg.eval.ks[0]}"
     weights = BLEND_WEIGHTS if cfg.prior.tune_weight else (cfg.prior.weight,)
@@ -332,13 +328,13 @@ def _fused_rows(ctx: Context, method: str, prior: CollaborativePrior | None, *, 
     cf_test = cf_scores(prior, ctx.test.histories, ctx.num_items, ctx.cf)
     fused = evaluate(blend(cf_test, llm_test, weight), ctx.test, ks=cfg.eval.ks)
     cf_only = evaluate(cf_test, ctx.test, ks=cfg.eval.ks)
-    ctx.run.write_json(f"{method}/final/metrics.json", {
+    atomic_write_json(ctx.run.final(method).metrics, {
         "test": fused, "test_llm_only": alone, "test_cf_only": cf_only, "blend_weight": weight,
         "validation": {"weights": list(weights), "metrics": list(choice.metrics), "leads": list(choice.leads),
                        "standard_errors": list(choice.standard_errors)},
         "cf": {"beta": cfg.prior.beta, "shrink": cfg.prior.shrink},
     })
-    save_prior(ctx.run.root / method / "final", prior)  # what `fedrec serve` ranks with
+    save_prior(ctx.run.final(method).root, prior)  # what `fedrec serve` ranks with
     contribution = {f"llm_contribution_{k}": round(fused[k] - cf_only[k], 5) for k in fused}
     return [
         _row(ctx, method, fused, epsilon=epsilon, seconds=seconds) | {"blend_weight": weight} | contribution

@@ -43,8 +43,7 @@ from fedrec.common.catalogue import Catalogue, catalogue_cached
 from fedrec.common.config import Config
 from fedrec.common.errors import ConfigError
 from fedrec.common.evaluation import catalogue_vectors
-from fedrec.common.privacy.accountant import PrivacyAccountant
-from fedrec.common.privacy.analysis import calibrate_noise, check_delta, default_delta
+from fedrec.common.privacy.party import Party
 from fedrec.common.recommender import ItemEncoder, build_recommender, user_vectors
 
 log = logging.getLogger(__name__)
@@ -150,18 +149,18 @@ def audit_run(cfg: Config, sources: Sources, *, canaries: int, private: bool, ki
     seed = cfg.train.seed if seed is None else seed
     dataset, split = load_split(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
     clients = simulated_clients(cfg, dataset, split)
-    party = clients[sorted(clients)[0]]
-    sequences = {u: s for u, s in party.train.items() if len(s) >= 1}
+    client = sorted(clients)[0]
+    sequences = {u: s for u, s in clients[client].train.items() if len(s) >= 1}
     plan = draw_canaries(len(dataset.item_ids), canaries, seed=seed)
     users = len(sequences) + sum(plan.included)
-    delta = cfg.privacy.delta if cfg.privacy.delta is not None else default_delta(users)
-    check_delta(delta, users)
+    p = cfg.privacy
+    audited = Party(name=f"{client} with canaries", users=users, budget=p.target_epsilon,
+                    delta=p.delta, accountant=p.accountant)
+    delta = audited.delta
     q = cfg.train.sample_rate  # public, as at a federated client
     steps = steps_for_epochs(cfg.fed.local_epochs, q) * cfg.fed.rounds
-    sigma = calibrate_noise(target_epsilon=cfg.privacy.target_epsilon, delta=delta, sample_rate=q,
-                            steps=steps, accountant=cfg.privacy.accountant) if private else 0.0
+    sigma = audited.sgd_sigma(sample_rate=q, steps=steps) if private else 0.0  # its whole budget
     loaded = build_recommender(cfg, cache_dir=sources.cache_dir, offline=sources.offline)
-    accountant = PrivacyAccountant(accountant=cfg.privacy.accountant)
     catalogue = catalogue_cached(loaded.encoder, dataset.item_texts, cache_dir=sources.cache_dir,
                                  model_fingerprint=loaded.base.fingerprint, batch_size=cfg.eval.batch_size)
     trainer = CanaryTrainer(
@@ -169,7 +168,7 @@ def audit_run(cfg: Config, sources: Sources, *, canaries: int, private: bool, ki
         sequences=sequences, lr=cfg.train.dp_lr, batch_size=cfg.train.batch_size, objective=objective(cfg),
         dp=DPSettings(sigma, cfg.privacy.clip_norm, q, normaliser=cfg.train.batch_size,
                       secure_rng=cfg.privacy.secure_rng),
-        accountant=accountant,
+        accountant=audited.accountant,
     )
     trainer.run(steps, desc=f"canary audit ({'DP' if private else 'no noise'})", progress=False)
     if kind == "gradient":
@@ -179,7 +178,7 @@ def audit_run(cfg: Config, sources: Sources, *, canaries: int, private: bool, ki
                                temperature=cfg.train.temperature)
     k = max(1, canaries // 10)
     guesses = audit_scores(scores, plan.included, k_plus=k, k_minus=k, delta=delta, confidence=CONFIDENCE)
-    claimed = accountant.epsilon(delta) if private else math.inf
+    claimed = audited.accountant.epsilon(delta) if private else math.inf
     log.info("canary audit %s: %d of %d guesses right, ε ≥ %.3f (claimed %s)",
              "DP" if private else "no noise",
              guesses.correct, guesses.guesses, guesses.epsilon_lower_bound, claimed)

@@ -5,7 +5,9 @@ passes when no check FAILs; a WARN is shown to the reader but does not fail the 
 that is not chained or not signed FAILs unless the auditor accepts legacy ledgers
 (`Trust.allow_legacy`); signatures that verify only against the key the ledger names itself are a
 WARN (whoever can write the ledger could have re-signed it), against a key the auditor was given
-(`Trust.keys`) a PASS. Pure functions over JSON-like dicts: no torch, no files.
+(`Trust.keys`) a PASS. Pure functions over JSON-like dicts: no torch, no files. The chain is
+checked over the lines as written; everything else reads them as `LedgerLine`s (common/ledger.py),
+and a line that is not one FAILs "ledger readable" and is left out of the other checks.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedrec.common import chain
-from fedrec.common.errors import PrivacyError
+from fedrec.common import ledger as ledgers
+from fedrec.common.errors import DataError, PrivacyError
+from fedrec.common.ledger import MECHANISM_POPULARITY, LedgerLine
 from fedrec.common.privacy import accountants
-from fedrec.common.privacy.analysis import MechanismStep
+from fedrec.common.rundir import CONFIG, ROUNDS
 
 PASS, FAIL, WARN, INFO = "pass", "fail", "warn", "info"
-MECHANISM_KEYS = ("round", "mechanism", "noise_multiplier", "sample_rate", "steps", "delta", "epsilon")
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,8 @@ class ClientAudit:
 
     client: str
     source: str
-    entries: list[dict[str, Any]]
+    entries: list[dict[str, Any]]  # as written: what the chain is over
+    lines: list[LedgerLine] = field(default_factory=list)  # the entries that are whole lines
     budget: float | None = None
     users: int | None = None
     delta: float | None = None
@@ -92,7 +96,7 @@ class ClientAudit:
 
     @property
     def spent(self) -> float:
-        return float(self.entries[-1]["epsilon"]) if self.entries else 0.0
+        return float(self.lines[-1].epsilon) if self.lines else 0.0
 
     @property
     def remaining(self) -> float | None:
@@ -121,28 +125,28 @@ def audit_ledger(
     tol: Tolerance = Tolerance(), mid_chain: bool = False, trust: Trust = Trust(),
 ) -> ClientAudit:
     """Run every check on one client's ledger (and, with `context`, against its run)."""
-    audit = ClientAudit(client, source, [dict(e) for e in entries], chain_head=chain.head(entries))
+    written = [dict(e) for e in entries]
+    audit = ClientAudit(client, source, written, ledgers.readable_lines(written),
+                        chain_head=chain.head(entries))
     fields = _check_fields(audit.entries)
     audit.checks.append(fields)
     audit.checks.append(_check_chain(audit.entries, mid_chain=mid_chain, allow_legacy=trust.allow_legacy))
     if audit.entries:
         audit.checks.append(_check_signatures(audit.entries, trust.keys.get(client), trust.allow_legacy))
-        audit.checks.append(_check_rng(audit.entries))
+        audit.checks.append(_check_rng(audit.lines))
     if context is not None:
-        audit.checks += [_check_rounds(audit.entries, context), _check_copy(audit.entries, context)]
+        audit.checks += [_check_rounds(audit.lines, context), _check_copy(audit.entries, context)]
     if client in trust.heads:
         audit.checks.append(check_head(context.own_copy if context and context.own_copy is not None
                                        else audit.entries, trust.heads[client]))
     if fields.status == FAIL or not audit.entries:
         return audit
-    audit.budget = _recorded(audit.entries, "budget", context.budget if context else None)
-    audit.users = _recorded(audit.entries, "users", None)
-    audit.delta = float(audit.entries[-1]["delta"])
-    history = [MechanismStep(noise_multiplier=e["noise_multiplier"], sample_rate=e["sample_rate"],
-                             steps=e["steps"]) for e in audit.entries]
-    audit.rederived = accountants.running_epsilons(history, audit.delta)
+    audit.budget = _recorded([x.budget for x in audit.lines], context.budget if context else None)
+    audit.users = _recorded([x.users for x in audit.lines], None)
+    audit.delta = float(audit.lines[-1].delta)
+    audit.rederived = accountants.running_epsilons([x.step for x in audit.lines], audit.delta)
     audit.checks += [
-        _check_epsilon(audit, tol), _check_budget(audit, tol), _check_budget_fixed(audit.entries, context),
+        _check_epsilon(audit, tol), _check_budget(audit, tol), _check_budget_fixed(audit.lines, context),
         _check_delta(audit), _check_sampling(audit, context.batch_size if context else None),
     ]
     return audit
@@ -155,16 +159,17 @@ def _check_fields(entries: Sequence[Mapping[str, Any]]) -> Check:
     name = "ledger readable"
     if not entries:
         return Check(name, WARN, "the ledger is empty: this client released nothing")
+    lines = []
     for i, e in enumerate(entries):
-        missing = [k for k in MECHANISM_KEYS if k not in e]
-        if missing:
-            return Check(name, FAIL, f"entry {i} lacks {', '.join(missing)}: its ε cannot be re-derived")
         try:
-            MechanismStep(noise_multiplier=e["noise_multiplier"], sample_rate=e["sample_rate"],
-                          steps=e["steps"])
+            lines.append(LedgerLine.from_dict(e, source=f"entry {i}"))
+        except DataError as exc:
+            return Check(name, FAIL, str(exc))
+        try:
+            lines[-1].step  # noqa: B018 (σ, q and steps must be a mechanism the accountants compose)
         except PrivacyError as exc:
             return Check(name, FAIL, f"entry {i}: {exc}")
-    deltas = {float(e["delta"]) for e in entries}
+    deltas = {float(x.delta) for x in lines}
     if len(deltas) > 1:
         return Check(name, FAIL, f"δ changes between releases ({sorted(deltas)}); ε composes at one δ")
     return Check(name, PASS, f"{len(entries)} releases, each with σ, q, steps, δ and ε")
@@ -176,7 +181,7 @@ def _check_chain(entries: Sequence[Mapping[str, Any]], *, mid_chain: bool,
     report = chain.verify(entries, mid_chain=mid_chain)
     legacy = WARN if allow_legacy else FAIL
     if report.status == "broken":
-        first = entries[0].get("seq") if entries else None
+        first = ledgers.claimed_seq(entries[0]) if entries else None
         truncated = ([f"the ledger starts at seq {first}, not 0: its first {first} entries are missing "
                       "(a truncated head); audit the client's whole ledger, or pass --allow-legacy to "
                       "take its first link on trust"]
@@ -208,7 +213,7 @@ def _check_signatures(entries: Sequence[Mapping[str, Any]], trusted: str | None,
         return Check(name, WARN, f"every entry verifies against key {report.signer[:16]}…, but that key is "
                      "self-asserted (named in the ledger itself, no --trust key for this client): whoever "
                      "can write this ledger could have re-signed it with a key of their own. Get the "
-                     "institution's ledger.pub and pass --trust CLIENT=ledger.pub")
+                     f"institution's {chain.PUB_FILE} and pass --trust CLIENT={chain.PUB_FILE}")
     return Check(name, PASS, f"every entry signed by the trusted key {report.signer[:16]}…")
 
 
@@ -216,7 +221,7 @@ def check_head(entries: Sequence[Mapping[str, Any]], expected: str) -> Check:
     """The head an institution reported must be the hash of an entry of this ledger (its last, or
     an earlier one when the ledger has grown since): a truncated or rewritten ledger fails."""
     name = "chain head = expected"
-    hashes = [str(e.get("entry_sha256", "")) for e in entries]
+    hashes = [ledgers.entry_sha256(e) or "" for e in entries]
     expected = expected.strip().lower()
     if expected not in hashes:
         return Check(name, FAIL, f"expected head {expected[:16]}… is not in this ledger (head "
@@ -226,11 +231,11 @@ def check_head(entries: Sequence[Mapping[str, Any]], expected: str) -> Check:
                  + (f" and continues {later} entries past it" if later else ""))
 
 
-def _check_rng(entries: Sequence[Mapping[str, Any]]) -> Check:
+def _check_rng(lines: Sequence[LedgerLine]) -> Check:
     """Which randomness ran, as the ledger records it; never asserted beyond what is recorded."""
     name = "randomness"
-    values = sorted({str(e["rng"]) for e in entries if "rng" in e})
-    unrecorded = sum("rng" not in e for e in entries)
+    values = sorted({str(x.rng) for x in lines if x.rng is not None})
+    unrecorded = sum(x.rng is None for x in lines)
     if not values:
         return Check(name, WARN, "not recorded in the ledger (written before RNG recording): sampling and "
                      "noise came from seeded generators (torch, numpy) whose seed the run config "
@@ -250,14 +255,13 @@ def _check_epsilon(audit: ClientAudit, tol: Tolerance) -> Check:
     name = "ε re-derived"
     independent = [audit.rederived[a] for a in accountants.INDEPENDENT]
     bad = []
-    for i, e in enumerate(audit.entries):
-        reported = float(e["epsilon"])
+    for i, x in enumerate(audit.lines):
+        reported = float(x.epsilon)
         reference = min(values[i] for values in independent)
         if tol.below(reported, reference):
-            bad.append(f"round {e['round']} ({e['mechanism']}): reported ε={reported:.4f} < "
-                       f"re-derived {reference:.4f}")
-        if i and reported < float(audit.entries[i - 1]["epsilon"]):
-            bad.append(f"round {e['round']}: ε went down from {audit.entries[i - 1]['epsilon']:.4f}")
+            bad.append(f"{x.where()}: reported ε={reported:.4f} < re-derived {reference:.4f}")
+        if i and reported < float(audit.lines[i - 1].epsilon):
+            bad.append(f"round {x.round}: ε went down from {audit.lines[i - 1].epsilon:.4f}")
     if bad:
         return Check(name, FAIL, "; ".join(bad))
     finals = audit.final()
@@ -271,23 +275,22 @@ def _check_budget(audit: ClientAudit, tol: Tolerance) -> Check:
     if audit.budget is None:
         return Check(name, WARN, "no budget recorded in the ledger (or the run's config): spend cannot be "
                      "checked against it")
-    same = audit.rederived[accountants.SAME_FAMILY.get(str(audit.entries[-1].get("accountant")),
+    same = audit.rederived[accountants.SAME_FAMILY.get(str(audit.lines[-1].accountant),
                                                        accountants.DPACC_RDP)]
     over = []
-    for i, e in enumerate(audit.entries):
-        reported = float(e["epsilon"])
+    for i, x in enumerate(audit.lines):
+        reported = float(x.epsilon)
         if reported > audit.budget * (1 + 1e-9) or tol.above(same[i], audit.budget):
-            over.append(f"round {e['round']} ({e['mechanism']}) took ε to {max(reported, same[i]):.4f} "
-                        f"> budget {audit.budget:g}")
+            over.append(f"{x.where()} took ε to {max(reported, same[i]):.4f} > budget {audit.budget:g}")
     if over:
         return Check(name, FAIL, "; ".join(over))
     return Check(name, PASS, f"ε {audit.spent:.3f} of {audit.budget:g} spent, never over")
 
 
-def _check_budget_fixed(entries: Sequence[Mapping[str, Any]], ctx: RunContext | None) -> Check:
+def _check_budget_fixed(lines: Sequence[LedgerLine], ctx: RunContext | None) -> Check:
     """One budget for a client's whole history, and (where the run's config set it) that one."""
     name = "budget fixed"
-    recorded = [(e.get("round", "?"), float(e["budget"])) for e in entries if "budget" in e]
+    recorded = [(x.round, float(x.budget)) for x in lines if x.budget is not None]
     values = sorted({b for _, b in recorded})
     if not recorded:
         return Check(name, INFO, "the ledger records no budget")
@@ -299,7 +302,7 @@ def _check_budget_fixed(entries: Sequence[Mapping[str, Any]], ctx: RunContext | 
                      + "): a budget is fixed once, so ε was measured against a moved goalpost")
     if ctx is not None and ctx.budget_binding and ctx.budget is not None \
             and not math.isclose(values[0], float(ctx.budget), rel_tol=1e-9):
-        return Check(name, FAIL, f"every entry records budget {values[0]:g}, but the run's config.toml gives "
+        return Check(name, FAIL, f"every entry records budget {values[0]:g}, but the run's {CONFIG} gives "
                      f"this client {float(ctx.budget):g}: the ledger or the config was rewritten")
     return Check(name, PASS, f"budget {values[0]:g} in every entry"
                  + (" = the run's config" if ctx is not None and ctx.budget_binding else ""))
@@ -319,47 +322,45 @@ def _check_delta(audit: ClientAudit) -> Check:
 def _check_sampling(audit: ClientAudit, batch_size: int | None) -> Check:
     """q of every DP-SGD block must be the Poisson rate batch_size/users (what was accounted)."""
     name = "Poisson sampling rate"
-    sgd = [e for e in audit.entries if e["mechanism"] == "dp-sgd"]
+    sgd = [x for x in audit.lines if x.is_dp_sgd]
     if not sgd:
         return Check(name, INFO, "no DP-SGD release (only full releases, q = 1)")
     if batch_size is None or audit.users is None:
         return Check(name, INFO, "q recorded per release; batch size or users unknown, rate not re-checked")
     expected = min(1.0, batch_size / audit.users)
-    wrong = [e for e in sgd if not math.isclose(float(e["sample_rate"]), expected, rel_tol=1e-9)]
+    wrong = [x for x in sgd if not math.isclose(float(x.sample_rate), expected, rel_tol=1e-9)]
     if wrong:
-        return Check(name, FAIL, f"q={wrong[0]['sample_rate']} in round {wrong[0]['round']}, but Poisson "
+        return Check(name, FAIL, f"q={wrong[0].sample_rate} in round {wrong[0].round}, but Poisson "
                      f"sampling at batch size {batch_size} of {audit.users} users gives q={expected:.6g}")
     return Check(name, PASS, f"q = {batch_size}/{audit.users} = {expected:.4g} in every DP-SGD release")
 
 
-def _check_rounds(entries: Sequence[Mapping[str, Any]], ctx: RunContext) -> Check:
+def _check_rounds(lines: Sequence[LedgerLine], ctx: RunContext) -> Check:
     name = "rounds complete"
-    rounds = [int(e.get("round", -1)) for e in entries if e.get("mechanism") == "dp-sgd"]
+    rounds = [x.round for x in lines if x.is_dp_sgd]
     problems = []
     if not ctx.dp:
         problems.append("the run was configured with fed.dp = false: its rounds trained without DP-SGD and "
                         "released adapters that carry no privacy guarantee")
-    off = sorted({int(e.get("round", -1)) for e in entries if e.get("dp") is False})
+    off = sorted({x.round for x in lines if x.dp is False})
     if off:
         problems.append(f"rounds {off} record dp = false: trained without DP")
     missing = sorted(set(ctx.trained_rounds) - set(rounds))
     if missing:
-        problems.append(f"rounds {missing} were trained (rounds.jsonl) but have no ledger entry")
+        problems.append(f"rounds {missing} were trained ({ROUNDS}) but have no ledger entry")
     extra = sorted(set(rounds) - set(ctx.trained_rounds))
     if extra:
         problems.append(f"rounds {extra} are in the ledger but the run records no training in them")
     if rounds != sorted(set(rounds)):
         problems.append(f"rounds out of order or repeated: {rounds}")
-    priors = [e for e in entries if e.get("mechanism") == "prior-counts"]
-    if ctx.prior_released and not priors:
+    if ctx.prior_released and not any(x.is_popularity for x in lines):
         problems.append("the prior release took this client's counts but the ledger has no "
-                        "prior-counts entry")
-    for e in entries:
-        told = ctx.round_epsilon.get(int(e.get("round", -1)))
-        if e.get("mechanism") == "dp-sgd" and told is not None and not math.isclose(told, float(e["epsilon"]),
-                                                                                     rel_tol=1e-9):
-            problems.append(f"round {e['round']}: ledger ε={e['epsilon']:.4f} but the client reported "
-                            f"{told:.4f} in rounds.jsonl")
+                        f"{MECHANISM_POPULARITY} entry")
+    for x in lines:
+        told = ctx.round_epsilon.get(x.round)
+        if x.is_dp_sgd and told is not None and not math.isclose(told, float(x.epsilon), rel_tol=1e-9):
+            problems.append(f"round {x.round}: ledger ε={x.epsilon:.4f} but the client reported "
+                            f"{told:.4f} in {ROUNDS}")
     if problems:
         return Check(name, FAIL, "; ".join(problems))
     return Check(name, PASS, f"one entry for each of the {len(ctx.trained_rounds)} rounds trained"
@@ -380,6 +381,7 @@ def _check_copy(entries: Sequence[Mapping[str, Any]], ctx: RunContext) -> Check:
                  f"{len(own)} in the client's own ledger)")
 
 
-def _recorded(entries: Sequence[Mapping[str, Any]], key: str, default: Any) -> Any:
-    values = [e[key] for e in entries if key in e]
-    return values[-1] if values else default
+def _recorded(values: Sequence[Any], default: Any) -> Any:
+    """The last value a ledger records (None: a line without it), else `default`."""
+    recorded = [v for v in values if v is not None]
+    return recorded[-1] if recorded else default

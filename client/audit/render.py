@@ -56,8 +56,8 @@ def _client_json(ca: ClientAudit) -> dict[str, Any]:
         "client": ca.client, "source": ca.source, "passed": ca.passed, "budget": ca.budget,
         "spent": ca.spent, "remaining": ca.remaining, "users": ca.users, "delta": ca.delta,
         "chain_head": ca.chain_head, "final_epsilon": ca.final(), "agreement": ca.agreement(),
-        "rounds": [e.get("round") for e in ca.entries], "running_epsilon": ca.rederived,
-        "reported_epsilon": [e.get("epsilon") for e in ca.entries],
+        "rounds": [x.round for x in ca.lines], "running_epsilon": ca.rederived,
+        "reported_epsilon": [x.epsilon for x in ca.lines],
         "checks": [asdict(c) for c in ca.checks],
     }
 
@@ -209,9 +209,9 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def epsilon_plot(ca: ClientAudit) -> str:
     """ε after each release under each accountant (and as reported), with the budget line."""
-    labels = ["prior" if e.get("mechanism") == "prior-counts" else f"r{e.get('round')}" for e in ca.entries]
+    labels = ["prior" if x.is_popularity else f"r{x.round}" for x in ca.lines]
     series = {name: list(values) for name, values in ca.rederived.items()}
-    series["reported"] = [float(e["epsilon"]) for e in ca.entries]
+    series["reported"] = [float(x.epsilon) for x in ca.lines]
     colors = {**SERIES_COLORS, "reported": "#000000"}
     return line_plot(series, labels, colors=colors, hline=ca.budget, hline_label="budget",
                      title=f"{ca.client}: ε per release (δ={ca.delta:.1e})" if ca.delta else ca.client)

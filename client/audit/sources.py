@@ -1,14 +1,14 @@
 """`fedrec audit`: load run directories or ledger files, run every check, assemble the report.
 
-Inputs are read-only: a run directory (config.toml, rounds.jsonl, ledgers/, clients/), a
-client's state directory (ledger.jsonl, replies/) or a bare ledger file (.jsonl). The checks
-live in client/audit/checks.py; the report is written by client/audit/render.py.
+Inputs are read-only: a run directory (its config, rounds, ledgers and simulated clients' state
+directories), a client's state directory (its ledger and stored replies) or a bare ledger file;
+their layout is common/rundir.py's, their lines common/ledger.py's. The checks live in
+client/audit/checks.py; the report is written by client/audit/render.py.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,9 +27,20 @@ from fedrec.client.audit.checks import (
     Tolerance,
     Trust,
 )
+from fedrec.common import ledger as ledgers
 from fedrec.common.assets import sha256_file
 from fedrec.common.errors import DataError
-from fedrec.common.rundir import package_versions
+from fedrec.common.rundir import (
+    CONFIG,
+    LEDGER,
+    LEDGERS,
+    RunDir,
+    StateDir,
+    package_versions,
+    read_json,
+    read_jsonl,
+    safe_name,
+)
 
 VERSIONED = ("fedrec", "opacus", "dp-accounting", "numpy", "scipy", "torch", "flwr", "safetensors")
 
@@ -127,9 +138,9 @@ def _now() -> str:
 
 
 def _audit_path(path: Path, tol: Tolerance, trust: Trust) -> Target:
-    if path.is_dir() and (path / "ledgers").is_dir():
+    if path.is_dir() and RunDir(path, create=False).ledgers_dir.is_dir():
         return _audit_run(path, tol, trust)
-    if path.is_dir() and (path / "ledger.jsonl").is_file():
+    if path.is_dir() and StateDir(path).ledger.is_file():
         return _audit_client_state(path, tol, trust)
     if path.is_file():
         target = Target(path, "ledger")
@@ -142,18 +153,19 @@ def _audit_path(path: Path, tol: Tolerance, trust: Trust) -> Target:
         target.clients.append(ca)
         target.assumptions = rng_assumptions(None, target.clients)
         return target
-    raise DataError(f"{path} is neither a run directory (with ledgers/), a client state directory (with "
-                    "ledger.jsonl) nor a ledger file; pass one of those")
+    raise DataError(f"{path} is neither a run directory (with {LEDGERS}/), a client state directory (with "
+                    f"{LEDGER}) nor a ledger file; pass one of those")
 
 
 def _client_name(path: Path) -> str:
-    return path.parent.name if path.name == "ledger.jsonl" else path.stem
+    return path.parent.name if path.name == LEDGER else path.stem
 
 
 def _audit_client_state(path: Path, tol: Tolerance, trust: Trust) -> Target:
     target = Target(path, "client-state")
-    ledger = read_ledger(path / "ledger.jsonl")
-    ca = audit.audit_ledger(path.name, ledger, source=str(path / "ledger.jsonl"), tol=tol, trust=trust)
+    own = StateDir(path).ledger
+    ledger = read_ledger(own)
+    ca = audit.audit_ledger(path.name, ledger, source=str(own), tol=tol, trust=trust)
     ca.checks += [check_replies(path, ledger), check_state(path, ledger), check_dp(ledger)]
     target.clients.append(ca)
     target.assumptions = rng_assumptions(None, target.clients)
@@ -161,31 +173,31 @@ def _audit_client_state(path: Path, tol: Tolerance, trust: Trust) -> Target:
 
 
 def _audit_run(root: Path, tol: Tolerance, trust: Trust) -> Target:
+    run = RunDir(root, create=False)
     record = read_run_record(root)
-    rounds = read_jsonl_checked(root / "rounds.jsonl")
+    rounds = read_jsonl(run.rounds)
     target = Target(root, "run", record)
-    ledgers = {p.stem: p for p in sorted((root / "ledgers").glob("*.jsonl"))}
-    own = {p.parent.name: p for p in sorted((root / "clients").glob("*/ledger.jsonl"))}
+    copies, own = run.ledgers(), run.client_states()
     # a client that refused everything (ε = 0 in every round) released nothing and needs no ledger
     reported = sorted({c for r in rounds for c, e in r.get("epsilon", {}).items() if float(e) > 0})
-    for client in sorted(set(ledgers) | set(own) | set(reported)):
-        if client not in ledgers:
+    for client in sorted(set(copies) | set(own) | set(reported)):
+        if client not in copies:
             target.checks.append(Check(f"ledger of {client}", FAIL,
-                                       f"{client} released (rounds.jsonl or its own state) but "
-                                       f"ledgers/{client}.jsonl is missing"))
+                                       f"{client} released ({run.rounds.name} or its own state) but "
+                                       f"{run.ledger(client).relative_to(root)} is missing"))
             continue
-        ctx = _context(client, rounds, record, own.get(client))
+        ctx = _context(client, rounds, record, own[client].ledger if client in own else None)
         # the server's copy holds this run only: a client that took part in earlier runs starts mid-chain
-        entries = read_ledger(ledgers[client])
-        ca = audit.audit_ledger(client, entries, source=str(ledgers[client]),
+        entries = read_ledger(copies[client])
+        ca = audit.audit_ledger(client, entries, source=str(copies[client]),
                                 context=ctx, tol=tol, mid_chain=True, trust=trust)
         ca.checks += [check_dp(entries, run_dp=record.dp), check_public_rate(entries, record.sample_rate)]
         if client in own and ctx.own_copy is not None:
-            ca.checks += [check_replies(own[client].parent, ctx.own_copy),
-                          check_state(own[client].parent, ctx.own_copy)]
+            ca.checks += [check_replies(own[client].root, ctx.own_copy),
+                          check_state(own[client].root, ctx.own_copy)]
         target.clients.append(ca)
     target.checks.append(Check("run record", PASS if rounds else WARN,
-                               f"{len(rounds)} rounds in rounds.jsonl, {len(ledgers)} client ledgers"))
+                               f"{len(rounds)} rounds in {run.rounds.name}, {len(copies)} client ledgers"))
     target.assumptions = assumptions(record, target.clients)
     return target
 
@@ -210,32 +222,15 @@ def _context(client: str, rounds: Sequence[Mapping[str, Any]], record: RunRecord
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:
-    """A ledger file's entries; a line that is not a JSON object stops with its line number."""
-    return read_jsonl_checked(path)
-
-
-def read_jsonl_checked(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{n}: not a JSON line ({exc.msg}); the file is damaged — restore it "
-                            "from the client's own copy or a backup") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object per line")
-        out.append(obj)
-    return out
+    """A ledger file's entries as written (the checks judge each); a line that is not a JSON object
+    stops with its line number."""
+    return ledgers.read_entries(path)
 
 
 def read_run_record(root: Path) -> RunRecord:
-    path = root / "config.toml"
+    path = RunDir(root, create=False).config
     if not path.is_file():
-        raise DataError(f"{root} has ledgers/ but no config.toml; audit its ledger files one by one instead")
+        raise DataError(f"{root} has {LEDGERS}/ but no {CONFIG}; audit its ledger files one by one instead")
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -252,14 +247,10 @@ def read_run_record(root: Path) -> RunRecord:
     )
 
 
-NON_PRIVATE, EVALUATION = "non-private", "dp-eval"
-
-
 def check_dp(ledger: Sequence[Mapping[str, Any]], *, run_dp: bool = True) -> Check:
     """FAIL when any round trained without DP (a non-private line, or a run with fed.dp = false)."""
     name = "every release under DP"
-    bad = [int(e.get("round", -1)) for e in ledger
-           if e.get("mechanism") == NON_PRIVATE or e.get("dp") is False]
+    bad = [x.round for x in ledgers.readable_lines(ledger) if x.without_dp]
     if bad or not run_dp:
         why = f"rounds {bad} trained without DP (mechanism non-private, σ = 0)" if bad else \
             "the run was configured with fed.dp = false"
@@ -271,42 +262,40 @@ def check_public_rate(ledger: Sequence[Mapping[str, Any]], sample_rate: float | 
     """q of every DP-SGD line is the run's public train.sample_rate: fixed before training, independent
     of the client's private user count (so the add/remove-one-user analysis applies as recorded)."""
     name = "q is the public sample rate"
-    sgd = [e for e in ledger if e.get("mechanism") == "dp-sgd"]
+    sgd = [x for x in ledgers.readable_lines(ledger) if x.is_dp_sgd]
     if sample_rate is None or not sgd:
         return Check(name, INFO,
                      "no train.sample_rate in the run's config, or no DP-SGD release: not checked")
-    wrong = [e for e in sgd if float(e["sample_rate"]) != float(sample_rate)]
+    wrong = [x for x in sgd if float(x.sample_rate) != float(sample_rate)]
     if wrong:
-        return Check(name, FAIL, f"round {wrong[0].get('round')}: q={wrong[0]['sample_rate']} but the run's "
+        return Check(name, FAIL, f"round {wrong[0].round}: q={wrong[0].sample_rate} but the run's "
                      f"public train.sample_rate is {sample_rate}")
     return Check(name, PASS, f"q = train.sample_rate = {sample_rate} in every DP-SGD release")
 
 
 def check_replies(state_dir: Path, ledger: Sequence[Mapping[str, Any]]) -> Check:
-    """Each stored reply (`replies/*.safetensors`) hashes to the digest of a ledger line of its run
-    and round, and each ledger line's reply is there: a release without a ledger line (dropped
-    from the ledger, or never accounted) fails, whatever its mechanism."""
+    """Each stored reply (the state directory's replies) hashes to the digest of a ledger line of
+    its run and round, and each ledger line's reply is there: a release without a ledger line
+    (dropped from the ledger, or never accounted) fails, whatever its mechanism."""
     from fedrec.common.lora import tensors_digest
     from safetensors.torch import load_file
 
     name = "released tensors match the ledger"
-    files = sorted((state_dir / "replies").glob("*.safetensors"))
+    files = StateDir(state_dir).reply_files()
     digest_of = {p: tensors_digest(load_file(str(p))) for p in files}
     digests = {d: p for p, d in digest_of.items()}
     empty = tensors_digest({})
     checked, matched, problems = 0, set(), []
-    for e in ledger:
-        if "adapter_sha256" not in e or "run_id" not in e or e["adapter_sha256"] == empty \
-                or e.get("mechanism") == EVALUATION:
+    for x in ledgers.readable_lines(ledger):
+        if x.adapter_sha256 is None or x.run_id is None or x.adapter_sha256 == empty or x.is_evaluation:
             continue  # an evaluation releases noisy scalars, no tensors
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(e["run_id"]))
-        path = digests.get(str(e["adapter_sha256"]))
+        path = digests.get(x.adapter_sha256)
         if path is None:
-            problems.append(f"round {e['round']} ({e.get('mechanism', '?')}): no stored reply hashes to "
-                            "its adapter_sha256 (missing or altered)")
+            problems.append(f"{x.where()}: no stored reply hashes to the digest of the tensors it "
+                            "released (missing or altered)")
             continue
-        if not (path.name.startswith(f"{safe}-") and path.stem.endswith(f"-{e['round']}")):
-            problems.append(f"round {e['round']}: its digest matches {path.name}, a reply of another run "
+        if not (path.name.startswith(f"{safe_name(x.run_id)}-") and path.stem.endswith(f"-{x.round}")):
+            problems.append(f"round {x.round}: its digest matches {path.name}, a reply of another run "
                             "or round")
         checked += 1
         matched.add(path)
@@ -325,30 +314,30 @@ def check_state(state_dir: Path, ledger: Sequence[Mapping[str, Any]]) -> Check:
     """The client's accountant state (state.json) agrees with its ledger: the same lines, and the
     accountant composed exactly the (σ, q, steps) the ledger lists."""
     name = "accountant state = ledger"
-    path = state_dir / "state.json"
+    path = StateDir(state_dir).state
     if not path.is_file():
         return Check(name, WARN, f"{path} is missing: the accountant's state cannot be compared")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
+    try:  # state.json as client/state.py commits it: the party's accountant state and ledger
+        state = read_json(path)
         history = [tuple(float(x) for x in h) for h in state["accountant"]["history"]]
         lines = list(state["ledger"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, DataError) as exc:
         return Check(name, FAIL, f"{path} is unreadable ({exc})")
-    recorded = _merged([(float(e["noise_multiplier"]), float(e["sample_rate"]), float(e["steps"]))
-                        for e in ledger if all(k in e for k in ("noise_multiplier", "sample_rate", "steps"))])
+    recorded = _merged([(float(x.noise_multiplier), float(x.sample_rate), float(x.steps))
+                        for x in ledgers.readable_lines(ledger)])
     history = _merged(history)
     problems = []
     if [dict(x) for x in lines] != [dict(e) for e in ledger]:
         first = next((i for i, (a, b) in enumerate(zip(lines, ledger, strict=False)) if a != dict(b)),
                      min(len(lines), len(ledger)))
-        problems.append(f"state.json's ledger ({len(lines)} lines) and ledger.jsonl ({len(ledger)}) differ "
-                        f"from entry {first} on")
+        problems.append(f"{path.name}'s ledger ({len(lines)} lines) and {StateDir(state_dir).ledger.name} "
+                        f"({len(ledger)}) differ from entry {first} on")
     if history != recorded:
         problems.append(f"the accountant composed {len(history)} mechanisms, the ledger lists {len(recorded)}"
                         + ("" if len(history) != len(recorded) else " with different (σ, q, steps)"))
     if problems:
         return Check(name, FAIL, "; ".join(problems))
-    return Check(name, PASS, f"state.json holds the same {len(ledger)} lines and accountant history")
+    return Check(name, PASS, f"{path.name} holds the same {len(ledger)} lines and accountant history")
 
 
 def _merged(blocks: Sequence[tuple[float, ...]]) -> list[tuple[float, ...]]:
@@ -392,7 +381,8 @@ def assumptions(record: RunRecord | None, clients: Sequence[ClientAudit]) -> lis
     out += [
         Check("item catalogue text", INFO, "not covered, and needs no cover: public item titles and genres"),
         Check("evaluation metrics", INFO, "covered: clients release HR/NDCG/MRR sums of their own users "
-              "under the Gaussian mechanism ('dp-eval' lines, in ε above), or none (evaluation = off)"),
+              f"under the Gaussian mechanism ('{ledgers.MECHANISM_EVAL}' lines, in ε above), or none "
+              "(evaluation = off)"),
         Check("hyperparameters", WARN,
               "not covered: settings and the prior weight β chosen on validation users"),
     ]
@@ -402,8 +392,8 @@ def assumptions(record: RunRecord | None, clients: Sequence[ClientAudit]) -> lis
 def rng_assumptions(record: RunRecord | None, clients: Sequence[ClientAudit]) -> list[Check]:
     """Which randomness ran, from the ledgers' `rng` fields; the config's `secure_rng` is only the
     request, so it never makes the report say "cryptographic"."""
-    values = sorted({str(e["rng"]) for ca in clients for e in ca.entries if "rng" in e})
-    unrecorded = sum("rng" not in e for ca in clients for e in ca.entries)
+    values = sorted({str(x.rng) for ca in clients for x in ca.lines if x.rng is not None})
+    unrecorded = sum(x.rng is None for ca in clients for x in ca.lines)
     asked = "" if record is None else f" (the config asked for privacy.secure_rng = {record.secure_rng})"
     if not values:
         return [Check("randomness", WARN, "the ledgers do not record which RNG ran" + asked + "; ledgers "
@@ -421,7 +411,7 @@ def _checksums(target: Target) -> dict[str, str]:
     root = target.path
     if target.kind == "ledger":
         return {str(root): sha256_file(root)}
-    names = ["config.toml", "rounds.jsonl", "final/adapter.safetensors", "ledger.jsonl"]
-    files = [root / n for n in names] + sorted((root / "ledgers").glob("*.jsonl")) \
-        + sorted((root / "clients").glob("*/ledger.jsonl"))
+    run = RunDir(root, create=False)
+    files = [run.config, run.rounds, run.final().adapter, StateDir(root).ledger, *run.ledgers().values(),
+             *(s.ledger for s in run.client_states().values())]
     return {str(p): sha256_file(p) for p in files if p.is_file()}

@@ -15,13 +15,14 @@ from fedrec.client import app as client_app
 from fedrec.client.audit import checks as audit
 from fedrec.client.local import ClientJob, LocalSettings
 from fedrec.client.policy import Policy, policy_from_settings
-from fedrec.client.state import ClientState
+from fedrec.client.state import ClientState, state_ledger
 from fedrec.common.config import Config, to_run_config
 from fedrec.common.data import leave_one_out, load_dataset
 from fedrec.common.errors import ConfigError, PrivacyError
 from fedrec.common.evaluation import BLEND_WEIGHTS
 from fedrec.common.privacy.analysis import MechanismStep, epsilon
 from fedrec.common.privacy.mechanisms import OS_ENTROPY, SEEDED
+from fedrec.common.privacy.party import Party
 from fedrec.common.wire import RoundRequest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
@@ -290,6 +291,11 @@ def test_training_replies_carry_no_loss_and_no_user_count(tiny_data: Path, tmp_p
 # --- durable state -------------------------------------------------------------------------------
 
 
+def reopen(state: Path) -> ClientState:
+    """The state directory read back as a restarted client reads it (its party's spending loaded)."""
+    return ClientState(state, party=Party(name="client-0", users=12, budget=8.0, ledger=state_ledger(state)))
+
+
 def make_job(cfg: Config, data: Path, state: Path, cache: Path) -> ClientJob:
     dataset = load_dataset(data)
     return ClientJob(cfg, LocalSettings("client-0", state, 8.0, None, cache, True), dataset,
@@ -318,7 +324,7 @@ def test_concurrent_messages_for_one_round_release_once(tiny_data: Path, tmp_pat
     assert len(ledger(tmp_path / "state")) == 1
     assert outcomes[0].ledger == outcomes[1].ledger
     assert all(torch.equal(outcomes[0].tensors[k], outcomes[1].tensors[k]) for k in outcomes[0].tensors)
-    history = ClientState(tmp_path / "state").accountant.history
+    history = reopen(tmp_path / "state").accountant.history
     assert len(history) == 1 and history[0].steps == outcomes[0].ledger["steps"]  # spent once
 
 
@@ -331,9 +337,9 @@ def test_a_crash_between_state_and_ledger_is_repaired(tiny_data: Path, tmp_path:
     full = (state / "ledger.jsonl").read_text()
     (state / "ledger.jsonl").write_text(full.splitlines(keepends=True)[0])  # state.json written, then crash
 
-    ClientState(state)
+    reopen(state)
 
     assert (state / "ledger.jsonl").read_text() == full
     (state / "ledger.jsonl").write_text(full + full.splitlines(keepends=True)[0])  # a line state.json lacks
     with pytest.raises(PrivacyError, match="not a prefix"):
-        ClientState(state)
+        reopen(state)

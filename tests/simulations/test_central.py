@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from fedrec.cli import main
+from fedrec.common import chain
 from fedrec.common.evaluation import lead_z
 from fedrec.common.privacy.analysis import MechanismStep, epsilon
 from fedrec.common.rundir import read_jsonl
@@ -72,3 +73,32 @@ def test_cli_errors_are_one_clean_line(tmp_path: Path, capsys) -> None:
                  "--cache-dir", str(tmp_path / "c"), "--offline"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "nope" in err[0]
+
+
+def test_a_central_partys_ledger_is_chained_signed_and_passes_the_audit(tmp_path: Path, tiny_data: Path,
+                                                                         tiny_model_dir: Path, capsys) -> None:
+    out = tmp_path / "run"
+    args = ["train-central", "--data", str(tiny_data), "--model", str(tiny_model_dir), "--output", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--offline", "--set", "data.max_users=0",
+            "--set", "train.batch_size=8", "--set", "train.dp_epochs=2", "--set", "prior.head_size=10",
+            "--set", 'train.methods=["dp-cooccurrence", "central-dp-lora"]']
+    assert main(args) == 0
+    ledgers = out / "ledgers"
+
+    for method in ("dp-cooccurrence", "central-dp-lora"):
+        ledger = read_jsonl(ledgers / f"{method}.jsonl")
+        assert chain.verify(ledger).status == "intact"
+        key = chain.load_public(ledgers / f"{method}.pub")  # made on first use, beside the ledger
+        assert chain.verify_signatures(ledger, trusted=key).status == "verified"
+        assert [e["round"] for e in ledger] == list(range(1, len(ledger) + 1))
+        assert all(e["users"] == 24 and e["budget"] == 8.0 for e in ledger)
+        report = tmp_path / f"{method}.json"
+        capsys.readouterr()
+        assert main(["audit", str(ledgers / f"{method}.jsonl"), "--trust", f"{method}={ledgers / f'{method}.pub'}",
+                     "--output", str(report)]) == 0
+        [audited] = json.loads(report.read_text())["targets"][0]["clients"]
+        status = {c["name"]: c["status"] for c in audited["checks"]}
+        assert {k: v for k, v in status.items() if v != "pass"} == {"randomness": "info",
+                                                                  "Poisson sampling rate": "info"}
+    assert [e["mechanism"] for e in read_jsonl(ledgers / "central-dp-lora.jsonl")] == [
+        "prior-counts", "prior-cooccurrence", "dp-sgd", "dp-sgd"]

@@ -92,7 +92,12 @@ def kill_tree(pid: int) -> None:
 
 def marked_processes(token: str) -> list[psutil.Process]:
     """Every live process (but this one) whose environment carries MARK=token."""
-    needle = f"\0{MARK}={token}\0".encode()
+    return processes_with(MARK, token)
+
+
+def processes_with(variable: str, value: str) -> list[psutil.Process]:
+    """Every live process (but this one) started with `variable`=`value` in its environment."""
+    needle = f"\0{variable}={value}\0".encode()
     found = []
     for pid in psutil.pids():
         if pid != os.getpid() and needle in b"\0" + _environ_bytes(pid) + b"\0":

@@ -18,6 +18,7 @@ the report; Flower's own log goes to <run>/flower.log and its end is shown only 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -173,9 +174,7 @@ def simulate(cfg: Config, out: Path, sources: Sources, *, resume: bool = False) 
 
     # --- Flower: a SuperLink of our own, the run, one line per round ---
     backend = _backend(cfg)
-    env = {SIMULATION_ENV: str(run.simulation.absolute())}
-    if "address" in backend["init_args"]:  # Ray's own variable: ray.init() joins that cluster
-        env["RAY_ADDRESS"] = str(backend["init_args"]["address"])
+    env = simulation_env(backend, run.simulation.absolute())
     done_rounds = len(read_jsonl(run.rounds))
     with LocalSuperLink(run.flower, env, verbose=log.isEnabledFor(logging.DEBUG)) as link:
         run_id = link.submit(run.flower.app, federation_config=federation_config(backend, len(names)))
@@ -278,6 +277,19 @@ def _backend(cfg: Config) -> dict[str, Any]:
         resources["num_cpus"] = min(cfg.fed.num_cpus, cpus)
         init["num_cpus"] = cpus
     return {"client_resources": resources, "init_args": init}
+
+
+def simulation_env(backend: Mapping[str, Any], spec: Path) -> dict[str, str]:
+    """The environment the SuperLink passes to Flower's processes and Ray's: the spec's path, and
+    for a Ray cluster (fed.ray_address) its address, which ray.init() joins. A cluster's workers
+    have the cluster's environment, not ours: there the path joins the job's runtime env through
+    RAY_JOB_CONFIG_JSON_ENV_VAR (what `ray job submit` sets; Ray merges it with Flower's own)."""
+    env = {SIMULATION_ENV: str(spec)}
+    if "address" in backend["init_args"]:
+        env["RAY_ADDRESS"] = str(backend["init_args"]["address"])
+        job = {"runtime_env": {"env_vars": {SIMULATION_ENV: str(spec)}}}
+        env["RAY_JOB_CONFIG_JSON_ENV_VAR"] = json.dumps(job)
+    return env
 
 
 def federation_config(backend: Mapping[str, Any], clients: int) -> str:

@@ -125,7 +125,7 @@ def stop_marked(token: str) -> list[str]:
     atomically, and Flower's state is in memory; graceful shutdowns took seconds for nothing."""
     stopped: list[str] = []
     for _ in range(5):
-        victims = marked_processes(token)
+        victims = _with_descendants(marked_processes(token))
         if not victims:
             break
         stopped += [f"{p.pid}:{_name(p)}" for p in victims]
@@ -134,17 +134,31 @@ def stop_marked(token: str) -> list[str]:
     return stopped
 
 
+def _with_descendants(procs: Sequence[psutil.Process]) -> list[psutil.Process]:
+    """`procs` and every process below them, collected before anything is killed (an orphan
+    leaves the tree). The marker alone can miss one: a title set with setproctitle may overwrite
+    the whole environment a process started with (seen with Ray's agents)."""
+    found = {p.pid: p for p in procs}
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found |= {c.pid: c for c in p.children(recursive=True)}
+    found.pop(os.getpid(), None)
+    return [p for p in found.values() if _running(p)]
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _wait_gone(procs: Sequence[psutil.Process], timeout: float) -> None:
     """Wait until each process has exited; a zombie counts as gone (its parent, maybe the driver,
     reaps it later)."""
     deadline = time.monotonic() + timeout
     for p in procs:
-        while time.monotonic() < deadline:
-            try:
-                if p.status() == psutil.STATUS_ZOMBIE:
-                    break
-            except psutil.NoSuchProcess:
-                break
+        while _running(p) and time.monotonic() < deadline:
             time.sleep(0.05)
 
 

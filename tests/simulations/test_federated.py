@@ -229,6 +229,20 @@ def test_federation_config_carries_the_backend() -> None:
     assert "client-resources-num-cpus=1 " in cluster  # Flower takes whole CPUs, at least 1
 
 
+def test_the_spec_path_reaches_a_ray_clusters_workers_too(tmp_path: Path) -> None:
+    from fedrec.simulations.federated import _backend, simulation_env
+
+    spec = tmp_path / "run" / "simulation.json"
+    local = simulation_env(_backend(load_config(None, [])), spec)
+    cluster = simulation_env(_backend(load_config(None, ['fed.ray_address="10.0.0.1:6379"'])), spec)
+
+    assert local == {SIMULATION_ENV: str(spec)}
+    assert cluster[SIMULATION_ENV] == str(spec) and cluster["RAY_ADDRESS"] == "10.0.0.1:6379"
+    # a cluster's workers have the cluster's environment: the path travels in the job's runtime env
+    job = json.loads(cluster["RAY_JOB_CONFIG_JSON_ENV_VAR"])
+    assert job == {"runtime_env": {"env_vars": {SIMULATION_ENV: str(spec)}}}
+
+
 def test_simulation_spec_round_trip_and_each_node_its_institution(tmp_path: Path) -> None:
     from fedrec.client.policy import simulated_policy
     from fedrec.common.errors import ConfigError

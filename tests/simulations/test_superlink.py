@@ -60,6 +60,20 @@ def test_stop_marked_kills_the_runs_processes_orphans_included_and_no_other() ->
         other.wait()
 
 
+def test_stop_marked_kills_children_whose_environment_lost_the_marker() -> None:
+    # like Ray's agents, whose process title can overwrite the environment they started with
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen("
+                               "[sys.executable, '-c', 'import time; time.sleep(120)'], env={}); "
+                               "time.sleep(120)"], env={**os.environ, MARK: "run-d"})
+    wait_until(lambda: len(psutil.Process(parent.pid).children()) == 1)
+    child = psutil.Process(parent.pid).children()[0]
+
+    stopped = stop_marked("run-d")
+
+    assert len(stopped) == 2 and parent.wait(timeout=10) == -9
+    wait_until(lambda: not alive(child.pid))
+
+
 def test_guard_stops_the_run_when_its_pipe_closes() -> None:
     marked = subprocess.Popen(SLEEPER, env={**os.environ, MARK: "run-c"})
     guard = subprocess.Popen([sys.executable, "-m", superlink.__name__, "run-c"], stdin=subprocess.PIPE,

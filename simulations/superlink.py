@@ -256,10 +256,12 @@ class LocalSuperLink:
                 self._guard.communicate(timeout=30)  # closes its stdin: the guard's signal
             except (subprocess.TimeoutExpired, OSError):  # the guard is stuck: do it here
                 kill_tree(self._guard.pid)
+                self._guard.wait()
                 stop_marked(self.token)
             self._guard = None
         if self._superlink is not None:
-            self._superlink.wait()  # killed by now; reaped here, its parent
+            kill_tree(self._superlink.pid)  # nothing to do: the guard has killed it
+            self._superlink.wait()  # reaped by its parent, this process
             self._superlink = None
         if self._lock is not None:
             os.close(self._lock)

@@ -166,6 +166,7 @@ def cmd_train_central(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedrec.common.rundir import RunDir
     from fedrec.simulations.federated import simulate
 
     cfg = config_from_args(args)
@@ -173,7 +174,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, name="federated")
     out = args.output or Path("runs") / cfg.name
     final = simulate(cfg, out, sources_from_args(args), resume=args.resume)
-    sys.stdout.write((out / "report.md").read_text() if (out / "report.md").exists() else f"{final}\n")
+    report = RunDir(out, create=False).report_md
+    sys.stdout.write(report.read_text() if report.exists() else f"{final}\n")
     sys.stdout.write(f"run directory: {out}\n")
     return 0
 

@@ -15,6 +15,11 @@ file names are spelled:
       checkpoints/round-<n>/               adapter, strategy and server state, prior (ArtifactDir)
       final/ or <method>/final/            adapter.safetensors (+ its AdapterRecord), metrics.json,
                                            prior.safetensors
+      simulation.json                      `fedrec simulate`: each simulated institution's settings
+      flower.log                           `fedrec simulate`: Flower's log of the run
+      flower/                              `fedrec simulate`: Flower's runtime (FlowerDir): FLWR_HOME,
+                                           the generated app, the SuperLink's log, the ServerApp's
+                                           outcome, the lock
     <state dir>/                           StateDir: one institution's privacy state (client/state.py)
       state.json, ledger.jsonl, replies/<run>-<kind>-<round>.safetensors, .lock, ledger.key/.pub
 
@@ -54,6 +59,10 @@ LEDGERS, CLIENTS, CHECKPOINTS, FINAL = "ledgers", "clients", "checkpoints", "fin
 ADAPTER, METRICS, PRIOR = "adapter.safetensors", "metrics.json", "prior.safetensors"
 STRATEGY, SERVER_STATE = "strategy.safetensors", "server.json"
 STATE, LEDGER, REPLIES, LOCK = "state.json", "ledger.jsonl", "replies", ".lock"
+SIMULATION, FLOWER_LOG, FLOWER = "simulation.json", "flower.log", "flower"
+FLOWER_HOME, FLOWER_APP, SUPERLINK_LOG = "home", "app", "superlink.log"
+SERVERAPP_OUTCOME = "serverapp.json"
+FLOWER_CONFIG, PYPROJECT = "config.toml", "pyproject.toml"  # Flower's own names (FLWR_HOME, an app)
 LEDGER_SUFFIX = ".jsonl"
 LEDGER_KEY_SUFFIX = ".key"  # chain.generate_key writes the public half beside it as .pub
 
@@ -239,6 +248,44 @@ class StateDir:
         return sorted(self.replies.glob("*.safetensors"))
 
 
+@dataclass(frozen=True)
+class FlowerDir:
+    """`fedrec simulate`'s workspace for Flower's runtime: a private FLWR_HOME, the generated app,
+    the SuperLink's own log, the ServerApp's outcome, and the lock held while any process of the
+    run may be alive."""
+
+    root: Path
+
+    @property
+    def home(self) -> Path:
+        return self.root / FLOWER_HOME
+
+    @property
+    def flower_config(self) -> Path:
+        return self.home / FLOWER_CONFIG
+
+    @property
+    def app(self) -> Path:
+        return self.root / FLOWER_APP
+
+    @property
+    def app_pyproject(self) -> Path:
+        return self.app / PYPROJECT
+
+    @property
+    def superlink_log(self) -> Path:
+        return self.root / SUPERLINK_LOG
+
+    @property
+    def serverapp_outcome(self) -> Path:
+        """Written when the ServerApp's main has returned or raised (before Flower tears down)."""
+        return self.root / SERVERAPP_OUTCOME
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK
+
+
 def reply_stem(run_id: str, kind: str, rnd: int) -> str:
     return f"{safe_name(run_id)}-{kind}-{rnd}"
 
@@ -327,6 +374,18 @@ class RunDir:
 
     def method_rounds(self, method: str) -> Path:
         return self.root / method / ROUNDS
+
+    @property
+    def simulation(self) -> Path:
+        return self.root / SIMULATION
+
+    @property
+    def flower_log(self) -> Path:
+        return self.root / FLOWER_LOG
+
+    @property
+    def flower(self) -> FlowerDir:
+        return FlowerDir(self.root / FLOWER)
 
     # -- writes --
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -19,10 +18,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
 from fedrec.server.deployment.generate import init_deployment
 from fedrec.server.deployment.keys import institution_keygen
 from fedrec.server.deployment.plan import Deployment
+from fedrec.simulations.superlink import free_port, kill_tree  # the one copy of the process helpers
 
 # The tiny model and data of the other end-to-end tests, as `flwr run --run-config` overrides.
 TINY_RUN = (
@@ -30,12 +29,6 @@ TINY_RUN = (
     "model.max_item_tokens=40 fed.local_epochs=0.5 prior.head_size=20 "
     "eval.batch_size=256 privacy.noise_multiplier=1.0"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Federation:
@@ -162,19 +155,3 @@ class Federation:
         path = self.site(name) / "state" / "ledger.jsonl"
         lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
         return lines  # the coordinator keeps each chained line verbatim (client/state.py)
-
-
-def kill_tree(pid: int) -> None:
-    """Kill `pid` and all its descendants, collected first (so orphans are not missed)."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGKILL) if p.pid == pid else p.kill()
-        except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
-            pass
-    psutil.wait_procs(procs, timeout=10)
-

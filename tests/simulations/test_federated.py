@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 from fedrec.cli import main
@@ -18,8 +20,10 @@ from fedrec.common import chain
 from fedrec.common.config import load_config
 from fedrec.common.privacy.analysis import MechanismStep, epsilon
 from fedrec.common.recommender import build_recommender
-from fedrec.common.rundir import read_jsonl
+from fedrec.common.rundir import RunDir, read_jsonl
 from fedrec.server import app as server_app
+from fedrec.simulations.federated import SIMULATION_ENV
+from fedrec.simulations.superlink import processes_with
 from safetensors.torch import load_file
 
 TINY = [
@@ -62,6 +66,17 @@ def own_ledger(run: Path, client: str) -> list[dict[str, Any]]:
     lines = read_jsonl(run / "clients" / client / "ledger.jsonl")
     assert chain.verify(lines).status == "intact"
     return lines
+
+
+def still_running(out: Path) -> list[str]:
+    """Processes of the run in `out` (SuperLink, SuperExec, flwr-simulation, Ray's) still alive."""
+    spec = str(RunDir(out, create=False).simulation.absolute())
+    running = []
+    for p in processes_with(SIMULATION_ENV, spec):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.status() != psutil.STATUS_ZOMBIE:
+                running.append(f"{p.pid}:{p.name()}")
+    return running
 
 
 def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -154,8 +169,12 @@ def test_killed_run_resumes_with_identical_ledgers(tiny_data: Path, tmp_path: Pa
             assert time.monotonic() < deadline, "no checkpoint after 300 s"
             time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver, Ray and its workers, mid-run
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver mid-run; its guard stops Flower and Ray
         proc.wait()
+    deadline = time.monotonic() + 30
+    while still_running(out):  # nothing goes on with the run once its driver is gone
+        assert time.monotonic() < deadline, f"still running 30 s after the kill: {still_running(out)}"
+        time.sleep(0.2)
     killed_rounds = len(read_jsonl(out / "rounds.jsonl"))
     assert killed_rounds < 3
     at_kill = {p.stem: read_jsonl(p) for p in (out / "ledgers").glob("*.jsonl")}
@@ -175,6 +194,73 @@ def test_killed_run_resumes_with_identical_ledgers(tiny_data: Path, tmp_path: Pa
         check_ledger(after)
         assert after == own_ledger(out, name)
         assert after[-1]["epsilon"] <= 8.0 + 1e-9
+    assert still_running(out) == []
+
+
+def test_simulate_prints_a_line_per_round_and_no_flower_noise(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = simulate_args(tiny_data, out, tmp_path / "cache", "fed.rounds=2")
+
+    done = subprocess.run([sys.executable, "-m", "fedrec.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "DEPRECATED" not in output  # run_simulation's warning: the supported path is used
+    for noise in ("FutureWarning", "ClientAppActor", "configure_train", "Since flwr", "insecure"):
+        assert noise not in output, noise
+    progress = [line for line in done.stderr.splitlines() if "round " in line and "/2: " in line]
+    assert len(progress) == 2 and all("clients trained" in line and "ε max" in line for line in progress)
+    assert "fedrec simulation" in done.stdout  # the report's tables
+    assert "Since flwr" in (out / "flower.log").read_text()  # Flower's own lines went to its log
+    assert still_running(out) == []
+
+
+def test_federation_config_carries_the_backend() -> None:
+    from fedrec.simulations.federated import _backend, federation_config
+
+    local = federation_config(_backend(load_config(None, ["fed.num_cpus=1.0", "fed.num_gpus=0.5"])), 3)
+    cluster = federation_config(_backend(load_config(None, ['fed.ray_address="auto"', "fed.num_cpus=0.4"])), 2)
+
+    assert local == (f"num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.5 "
+                     f'init-args-logging-level="ERROR" init-args-log-to-driver=false '
+                     f"init-args-num-cpus={os.cpu_count() or 1}")
+    assert "init-args-num-cpus" not in cluster  # the cluster's own (Ray refuses both)
+    assert "client-resources-num-cpus=1 " in cluster  # Flower takes whole CPUs, at least 1
+
+
+def test_the_spec_path_reaches_a_ray_clusters_workers_too(tmp_path: Path) -> None:
+    from fedrec.simulations.federated import _backend, simulation_env
+
+    spec = tmp_path / "run" / "simulation.json"
+    local = simulation_env(_backend(load_config(None, [])), spec)
+    cluster = simulation_env(_backend(load_config(None, ['fed.ray_address="10.0.0.1:6379"'])), spec)
+
+    assert local == {SIMULATION_ENV: str(spec)}
+    assert cluster[SIMULATION_ENV] == str(spec) and cluster["RAY_ADDRESS"] == "10.0.0.1:6379"
+    # a cluster's workers have the cluster's environment: the path travels in the job's runtime env
+    job = json.loads(cluster["RAY_JOB_CONFIG_JSON_ENV_VAR"])
+    assert job == {"runtime_env": {"env_vars": {SIMULATION_ENV: str(spec)}}}
+
+
+def test_simulation_spec_round_trip_and_each_node_its_institution(tmp_path: Path) -> None:
+    from fedrec.client.policy import simulated_policy
+    from fedrec.common.errors import ConfigError
+    from fedrec.simulations.federated import SimulationSpec
+
+    cfg = load_config(None, [*TINY, "fed.client_budgets={client-1=2.0}", 'fed.client_policy={"*"={max-local-epochs=3.0}}'])
+    spec = SimulationSpec(cfg, ("client-0", "client-1", "client-2"), tmp_path / "run", tmp_path / "cache",
+                          True, False)
+
+    again = SimulationSpec.from_json(json.loads(json.dumps(spec.to_json())), source="test")
+    config, local = again.client_settings({"partition-id": 1, "num-partitions": 3})
+
+    assert again == spec and config == cfg
+    assert local.name == "client-1" and local.state_dir == tmp_path / "run" / "clients" / "client-1"
+    assert local.the_policy == simulated_policy(cfg, "client-1") and local.epsilon_budget == 2.0
+    assert local.offline and local.cache_dir == tmp_path / "cache"
+    with pytest.raises(ConfigError, match="partition-id=3"):
+        again.client_settings({"partition-id": 3, "num-partitions": 4})
 
 
 def test_ray_cluster_backend_uses_the_cluster_resources() -> None:

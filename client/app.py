@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -121,6 +122,9 @@ def settings_from_context(context: Context) -> tuple[Config, LocalSettings]:
     require_pinned_version(context.node_config)
     cfg = from_run_config(context.run_config)
     node = context.node_config
+    if "data" not in node and "num-partitions" in node:  # a simulated node of Flower's federation:
+        # the data set is split into as many institutions as the federation has SuperNodes
+        cfg = replace(cfg, fed=replace(cfg.fed, clients=int(str(node["num-partitions"]))))
     cache_dir = Path(str(node.get("cache-dir", ""))) if node.get("cache-dir") else default_cache_dir()
     if "epsilon-budget" not in node and "partition-id" not in node:
         raise ConfigError("this SuperNode has no epsilon-budget in its node config; a client sets "
@@ -152,7 +156,7 @@ def require_pinned_version(node: Mapping[str, Any]) -> None:
 
 
 def _job(cfg: Config, local: LocalSettings, context: Context) -> ClientJob:
-    key = (id(cfg), local, context.node_config.get("partition-id"), context.node_config.get("data"))
+    key = (to_key(cfg), local, context.node_config.get("partition-id"), context.node_config.get("data"))
     job = _JOBS.get(key)
     if job is None:
         model_key = ("model", to_key(cfg.model), to_key(cfg.lora), cfg.train.seed)

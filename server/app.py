@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from fedrec.common.recommender import build_recommender
 from fedrec.common.rundir import FAILED, RunDir
 from fedrec.common.wire import Reply, WireError
 from fedrec.server import secagg
-from fedrec.server.rounds import run_server
+from fedrec.server.rounds import run_server, settled_node_count
 from fedrec.server.transport import Batch, Request, SecureBatch
 from fedrec.server.validation import check_client_name
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -139,7 +140,10 @@ def make_server_app(
         c = cfg or from_run_config(context.run_config)
         rc = context.run_config
         o = out or Path(str(rc.get("output", f"runs/{c.name}")))
-        n = num_clients or int(rc.get("num-clients") or c.fed.clients)
+        n = num_clients or int(str(rc.get("num-clients", c.fed.clients)))
+        if n == 0:  # `flwr run .`: the institutions are the federation's SuperNodes (num-supernodes)
+            n = settled_node_count(FlowerTransport(grid, c), c.fed.join_wait)
+            c = replace(c, fed=replace(c.fed, clients=n))
         r = resume or bool(rc.get("resume", False))
         loaded = build_recommender(c, cache_dir=cache_dir or default_cache_dir(),
                                    offline=offline or default_offline())

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from fedrec.common import wire
 from fedrec.common.config import Config, to_dict
-from fedrec.common.errors import AdapterError
+from fedrec.common.errors import AdapterError, ConfigError
 from fedrec.common.evaluation import BLEND_WEIGHTS
 from fedrec.common.ledger import MECHANISM_COOCCURRENCE, MECHANISM_POPULARITY
 from fedrec.common.lora import save_adapter, tensors_digest, validate_adapter
@@ -78,6 +78,31 @@ def wait_for_nodes(transport: Transport, cfg: Config, num_clients: int, *, poll:
                            if need < num_clients else "")
             log.info("waiting for SuperNodes: %d of %d connected; the run needs fed.clients=%d (or "
                      "num-clients in the run config)%s", len(nodes), num_clients, num_clients, alternative)
+            said = waited
+        time.sleep(poll)
+
+
+def settled_node_count(transport: Transport, wait: float, *, settle: float = 1.0, poll: float = 0.2) -> int:
+    """How many nodes the federation has, for a run that was not told (run config num-clients = 0):
+    their number once at least one is connected and none has joined for `settle` seconds (Flower's
+    simulation registers all its SuperNodes at once, just after the ServerApp starts); `wait`
+    seconds at most for the first one, with a line every few seconds while none is there."""
+    start = changed = time.monotonic()
+    count, said = 0, -math.inf
+    while True:
+        now = len(transport.nodes())
+        if now != count:
+            count, changed = now, time.monotonic()
+        waited = time.monotonic() - start
+        if count and time.monotonic() - changed >= settle:
+            log.info("the federation has %d SuperNodes: each is one institution", count)
+            return count
+        if not count and waited > wait:
+            raise ConfigError(f"no SuperNode connected in {wait:g} s (fed.join_wait); start the "
+                              "institutions' SuperNodes, or set num-clients in the run config")
+        if not count and waited - said >= WAIT_LOG_EVERY:
+            log.info("waiting for SuperNodes: none connected yet (num-clients = 0 takes every SuperNode "
+                     "of the federation; fed.join_wait=%g s)", wait)
             said = waited
         time.sleep(poll)
 

@@ -41,7 +41,7 @@ from fedrec.common.data import leave_one_out, load_dataset
 from fedrec.common.lora import save_adapter
 from fedrec.common.prior import exact_prior, save_prior
 from fedrec.common.recommender import build_recommender
-from fedrec.common.rundir import RunDir
+from fedrec.common.rundir import RunDir, atomic_write_json
 
 CONCURRENCY = (1, 8, 32)
 
@@ -59,7 +59,7 @@ def make_run_dir(out: Path, cache: Path, device: str) -> tuple[Path, list[str]]:
     split = leave_one_out(dataset)
     save_prior(out / "final", exact_prior(list(split.train.values()), num_items=len(dataset.item_ids),
                                           head_size=cfg.prior.head_size))
-    run.write_json("final/metrics.json", {"blend_weight": 1.0, "rounds": 0})
+    atomic_write_json(run.final().metrics, {"blend_weight": 1.0, "rounds": 0})
     return out, list(dataset.item_ids)
 
 

@@ -35,14 +35,14 @@ from fedrec.common.errors import ConfigError
 from fedrec.common.rundir import atomic_write_bytes
 
 GENESIS = "0" * 64
-CHAIN_FIELDS = ("seq", "prev_sha256", "entry_sha256")
-SIGNATURE_FIELDS = ("signer", "signature")
+SEQ, PREV, ENTRY = CHAIN_FIELDS = ("seq", "prev_sha256", "entry_sha256")  # a line's place in its chain
+SIGNER, SIGNATURE = SIGNATURE_FIELDS = ("signer", "signature")
 KEY_FILE, PUB_FILE = "ledger.key", "ledger.pub"
 
 
 def entry_hash(entry: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of `entry` without its own `entry_sha256` and `signature`."""
-    body = {k: v for k, v in entry.items() if k not in ("entry_sha256", "signature")}
+    body = {k: v for k, v in entry.items() if k not in (ENTRY, SIGNATURE)}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -51,21 +51,21 @@ def link(entry: Mapping[str, Any], previous: Sequence[Mapping[str, Any]], *,
          signer: Signer | None = None) -> dict[str, Any]:
     """`entry` chained after the ledger `previous` (itself chained): seq, prev_sha256, entry_sha256,
     and, with `signer`, signed by it (`signer`, `signature`)."""
-    head = str(previous[-1].get("entry_sha256", GENESIS)) if previous else GENESIS
+    head = str(previous[-1].get(ENTRY, GENESIS)) if previous else GENESIS
     out = {k: v for k, v in entry.items() if k not in CHAIN_FIELDS + SIGNATURE_FIELDS}
-    out["seq"] = len(previous)
-    out["prev_sha256"] = head
+    out[SEQ] = len(previous)
+    out[PREV] = head
     if signer is not None:
-        out["signer"] = signer.public_hex
-    out["entry_sha256"] = entry_hash(out)
+        out[SIGNER] = signer.public_hex
+    out[ENTRY] = entry_hash(out)
     if signer is not None:
-        out["signature"] = signer.sign(out["entry_sha256"])
+        out[SIGNATURE] = signer.sign(out[ENTRY])
     return out
 
 
 def head(ledger: Sequence[Mapping[str, Any]]) -> str:
     """The hash a ledger ends on (GENESIS when empty): one string that pins the whole history."""
-    return str(ledger[-1].get("entry_sha256", GENESIS)) if ledger else GENESIS
+    return str(ledger[-1].get(ENTRY, GENESIS)) if ledger else GENESIS
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def verify(ledger: Sequence[Mapping[str, Any]], *, mid_chain: bool = False) -> C
     problems: list[str] = []
     notes: list[str] = []
     prev, offset = GENESIS, 0  # offset: seq of position 0 (non-zero only for a mid-chain copy)
-    if mid_chain and legacy == 0 and ledger and ledger[0]["seq"] != 0:
-        prev, offset = str(ledger[0]["prev_sha256"]), int(ledger[0]["seq"])
+    if mid_chain and legacy == 0 and ledger and ledger[0][SEQ] != 0:
+        prev, offset = str(ledger[0][PREV]), int(ledger[0][SEQ])
         notes.append(f"the chain starts at seq {offset}: earlier entries are not in this copy, so "
                      "its first link is taken on trust (compare with the client's own ledger)")
     for i in range(legacy, len(ledger)):
@@ -107,14 +107,14 @@ def verify(ledger: Sequence[Mapping[str, Any]], *, mid_chain: bool = False) -> C
         if not chained[i]:
             problems.append(f"{where} has no chain fields (inserted, or its hashes stripped)")
             continue
-        if entry["entry_sha256"] != entry_hash(entry):
+        if entry[ENTRY] != entry_hash(entry):
             problems.append(f"{where} was edited: its content does not match its entry_sha256")
-        if entry["prev_sha256"] != prev:
+        if entry[PREV] != prev:
             problems.append(f"{where} does not follow the entry before it (an entry was deleted, "
                             "reordered or appended out of order)")
-        if entry["seq"] != i + offset:
-            problems.append(f"{where} carries seq {entry['seq']!r} at position {i + offset}")
-        prev = str(entry["entry_sha256"])
+        if entry[SEQ] != i + offset:
+            problems.append(f"{where} carries seq {entry[SEQ]!r} at position {i + offset}")
+        prev = str(entry[ENTRY])
     if problems:
         return ChainReport("broken", tuple(problems), tuple(notes))
     if legacy:
@@ -202,10 +202,10 @@ def load_public(path: Path) -> str:
 
 
 def signature_ok(entry: Mapping[str, Any], public: str) -> bool:
-    """Whether `entry["signature"]` is `public`'s Ed25519 signature over its `entry_sha256`."""
+    """Whether `entry[SIGNATURE]` is `public`'s Ed25519 signature over its `entry_sha256`."""
     try:
         key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public))
-        key.verify(bytes.fromhex(str(entry["signature"])), str(entry["entry_sha256"]).encode("ascii"))
+        key.verify(bytes.fromhex(str(entry[SIGNATURE])), str(entry[ENTRY]).encode("ascii"))
     except (InvalidSignature, ValueError, KeyError, TypeError, UnicodeEncodeError):
         return False
     return True
@@ -232,19 +232,19 @@ def verify_signatures(ledger: Sequence[Mapping[str, Any]], *, trusted: str | Non
     Every entry must be signed by one and the same key; with `allow_unsigned_prefix`, entries
     before the first signed one (a ledger begun before signatures) are let through.
     """
-    signed = [bool(e.get("signature")) for e in ledger]
+    signed = [bool(e.get(SIGNATURE)) for e in ledger]
     if not any(signed):
         return SignatureReport("unsigned")
     first = signed.index(True)
     start = first if allow_unsigned_prefix else 0
-    key = trusted or str(ledger[first].get("signer", ""))
+    key = trusted or str(ledger[first].get(SIGNER, ""))
     problems = []
     for i in range(start, len(ledger)):
         e = ledger[i]
         where = f"entry {i} (round {e.get('round', '?')}, {e.get('mechanism', '?')})"
         if not signed[i]:
             problems.append(f"{where} is not signed")
-        elif str(e.get("signer", "")) != key:
+        elif str(e.get(SIGNER, "")) != key:
             problems.append(f"{where} names signer {str(e.get('signer', ''))[:16]}…, not "
                             + ("the trusted key" if trusted else "the ledger's key") + f" {key[:16]}…")
         elif not signature_ok(e, key):

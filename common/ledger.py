@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedrec.common import chain
+from fedrec.common import chain, wire
 from fedrec.common.errors import DataError
 from fedrec.common.privacy.analysis import MechanismStep
 from fedrec.common.rundir import append_jsonl, read_jsonl
@@ -34,11 +34,11 @@ MECHANISM_DP_SGD = "dp-sgd"
 MECHANISM_EVAL = "dp-eval"  # an evaluation's noisy metric sums
 MECHANISM_NON_PRIVATE = "non-private"  # training without DP, where a policy allows it (σ = 0)
 PRIOR_MECHANISMS = (MECHANISM_POPULARITY, MECHANISM_COOCCURRENCE)  # in the order they are released
-VALIDATION = "valid"  # the split of the evaluations that choose the blend weight
+VALIDATION = wire.VALID  # the split of the evaluations that choose the blend weight
 
 # A reply's copy of its line's numbers ("ledger.<field>" metrics): what servers read from clients
 # that predate chained lines.
-METRIC_PREFIX = "ledger."
+METRIC_PREFIX = wire.LEDGER_PREFIX
 
 
 # --- the line -----------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(LedgerLine) if f.name != "ext
 _REQUIRED = tuple(f.name for f in dataclasses.fields(LedgerLine) if f.default is dataclasses.MISSING
                   and f.default_factory is dataclasses.MISSING)
 _METRIC_FIELDS = ("noise_multiplier", "sample_rate", "steps", "clip_norm", "delta", "epsilon")
-_INTS = ("round", "steps", "users", "seq")
+_INTS = ("round", "steps", "users", chain.SEQ)
 _REALS = ("noise_multiplier", "sample_rate", "delta", "epsilon", "clip_norm", "budget")
 _BOOLS = ("dp",)
 
@@ -214,15 +214,52 @@ def line_from_metrics(metrics: Mapping[str, Any], *, rnd: int, mechanism: str,
     return {"round": rnd, "mechanism": mechanism, "accountant": accountant, **line}
 
 
+def release_scale(entry: Mapping[str, Any] | None, *,
+                  users_if_absent: float) -> tuple[float, float, float] | None:
+    """(clip norm, σ, users) of a sum release's line as received, read from those fields alone (an
+    older client's line may carry no more); None when it does not say them as numbers."""
+    if entry is None:
+        return None
+    try:
+        return (float(entry["clip_norm"]), float(entry["noise_multiplier"]),
+                float(entry.get("users", users_if_absent)))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def entry_noise_std(entry: Mapping[str, Any]) -> float:
+    """σ·clip of a release's line as received (0 when it does not say: only the CF scorer's
+    shrinkage reads it, never a privacy claim)."""
+    scale = release_scale(entry, users_if_absent=0.0)
+    std = scale[0] * scale[1] if scale is not None else 0.0
+    return std if math.isfinite(std) and std >= 0 else 0.0
+
+
+def validation_sigma(entry: Mapping[str, Any], rnd: int) -> float | None:
+    """σ of a line as received if it is round `rnd`'s validation evaluation (read from those fields
+    alone), else None."""
+    if (entry.get("mechanism"), entry.get("split"), entry.get("round")) != (MECHANISM_EVAL, VALIDATION, rnd):
+        return None
+    try:
+        return float(entry["noise_multiplier"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def reports_release(metrics: Mapping[str, Any]) -> bool:
+    """Whether a reply's metrics carry a line's numbers (a client that predates chained lines)."""
+    return METRIC_PREFIX + "epsilon" in metrics
+
+
 def entry_sha256(entry: Mapping[str, Any]) -> str | None:
     """The chain hash of a line as received (None when it carries none)."""
-    value = entry.get("entry_sha256")
+    value = entry.get(chain.ENTRY)
     return None if value is None else str(value)
 
 
 def claimed_seq(entry: Mapping[str, Any]) -> Any:
     """The chain position a line as written claims (None when it claims none), unchecked."""
-    return entry.get("seq")
+    return entry.get(chain.SEQ)
 
 
 def adapter_sha256(entry: Mapping[str, Any]) -> str | None:

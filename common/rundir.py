@@ -9,6 +9,8 @@ file names are spelled:
       rounds.jsonl                         one record per round (federated) or per epoch (<method>/)
       results.json, report.md, report.html tables and plots a person reads
       failed.json                          why a federated run stopped (no client trained)
+      received.jsonl                       federated: what the server received, one line per reply
+                                           (its records' names, tensor shapes, metrics, configs)
       ledgers/<party>.jsonl                each party's ledger lines (common/ledger.py)
       ledgers/<party>.key, .pub            a central party's ledger key, made on first use
       clients/<client>/                    a simulated client's own state directory (StateDir)
@@ -54,7 +56,7 @@ PACKAGES = ("fedrec", "torch", "transformers", "peft", "opacus", "flwr", "numpy"
 
 CONFIG, RUN_RECORD, ROUNDS, FAILED, RESULTS = "config.toml", "run.json", "rounds.jsonl", "failed.json", \
     "results.json"
-REPORT_MD, REPORT_HTML = "report.md", "report.html"
+REPORT_MD, REPORT_HTML, RECEIVED = "report.md", "report.html", "received.jsonl"
 LEDGERS, CLIENTS, CHECKPOINTS, FINAL = "ledgers", "clients", "checkpoints", "final"
 ADAPTER, METRICS, PRIOR = "adapter.safetensors", "metrics.json", "prior.safetensors"
 STRATEGY, SERVER_STATE = "strategy.safetensors", "server.json"
@@ -322,6 +324,10 @@ class RunDir:
         return self.root / FAILED
 
     @property
+    def received(self) -> Path:
+        return self.root / RECEIVED
+
+    @property
     def results(self) -> Path:
         return self.root / RESULTS
 
@@ -393,16 +399,6 @@ class RunDir:
         doc = to_dict(config)
         doc["provenance"] = {**provenance, "versions": package_versions()}
         atomic_write_text(self.config, tomli_w.dumps(_toml_safe(doc)))
-
-    # relative-path writes (older callers; named paths above are preferred)
-    def write_json(self, relative: str, obj: Any) -> None:
-        atomic_write_json(self.root / relative, obj)
-
-    def write_text(self, relative: str, text: str) -> None:
-        atomic_write_text(self.root / relative, text)
-
-    def append_jsonl(self, relative: str, record: Mapping[str, Any]) -> None:
-        append_jsonl(self.root / relative, record)
 
     def read_provenance(self) -> dict[str, Any]:
         import tomllib

@@ -22,7 +22,7 @@ from fedrec.common import wire
 from fedrec.common.assets import default_cache_dir, default_offline
 from fedrec.common.config import Config, from_run_config
 from fedrec.common.recommender import build_recommender
-from fedrec.common.rundir import FAILED, RunDir
+from fedrec.common.rundir import FAILED, RunDir, append_jsonl
 from fedrec.common.wire import Reply, WireError
 from fedrec.server import secagg
 from fedrec.server.rounds import run_server, settled_node_count
@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 class FlowerTransport:
     """The round loop's transport over Flower's Grid (server/rounds.py `Transport`)."""
 
-    def __init__(self, grid: Grid, cfg: Config) -> None:
-        self.grid, self.cfg = grid, cfg
+    def __init__(self, grid: Grid, cfg: Config, *, transcript: Path | None = None) -> None:
+        self.grid, self.cfg, self.transcript = grid, cfg, transcript
 
     def nodes(self) -> list[int]:
         return sorted(self.grid.get_node_ids())
@@ -50,7 +50,11 @@ class FlowerTransport:
         messages = [Message(content, dst_node_id=n, message_type=request.kind) for n in nodes]
         raw = list(self.grid.send_and_receive(messages, timeout=self.cfg.fed.timeout))
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set by the push
-        return _parse(raw, sent, int(request.config.get(wire.ROUND, -1)))
+        rnd = int(request.config.get(wire.ROUND, -1))
+        if self.transcript is not None:
+            for msg in raw:
+                append_jsonl(self.transcript, transcript_line(msg, rnd, request.kind))
+        return _parse(raw, sent, rnd)
 
     def secure_train(self, request: Request, nodes: Sequence[int], weight_key: str) -> SecureBatch:
         rnd = int(request.config[wire.ROUND])
@@ -81,6 +85,32 @@ def to_content(request: Request) -> RecordDict:
 
 def _array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in tensors.items()})
+
+
+def transcript_line(msg: Message, rnd: int, kind: str) -> dict[str, Any]:
+    """What one reply carried, as the server's transcript (run dir received.jsonl) keeps it: the
+    names of its records, the name and shape of each tensor (not its values), its metrics and
+    configs; or the error the SuperLink reported."""
+    line: dict[str, Any] = {"round": rnd, "message_type": kind, "node": msg.metadata.src_node_id}
+    if msg.has_error():
+        return line | {"error": msg.error.reason}
+    content = msg.content
+    return line | {
+        "arrays": {name: {k: list(a.shape) for k, a in record.items()}
+                   for name, record in content.array_records.items()},
+        "metrics": {name: dict(record) for name, record in content.metric_records.items()},
+        "configs": {name: {k: _plain(v) for k, v in record.items()}
+                    for name, record in content.config_records.items()},
+    }
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON holds it: bytes by their length (a config record may carry bytes)."""
+    if isinstance(value, bytes):
+        return {"bytes": len(value)}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _parse(raw: Sequence[Message], sent: Mapping[str, int], rnd: int) -> Batch:
@@ -150,7 +180,8 @@ def make_server_app(
         run = RunDir(o)
         if cfg is None and not run.config.exists():  # `flwr run .`: the run's record
             run.write_config(c, {"engine": "flwr run", "clients": n, "model_sha256": loaded.base.fingerprint})
-        run_server(FlowerTransport(grid, c), c, o, num_clients=n, resume=r, loaded=loaded)
+        transport = FlowerTransport(grid, c, transcript=run.received)
+        run_server(transport, c, o, num_clients=n, resume=r, loaded=loaded)
 
     return app
 

@@ -6,7 +6,9 @@ import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from fedrec.common import wire
 from fedrec.common.config import Config
+from fedrec.common.ledger import LedgerLine, read_entries, readable_lines
 from fedrec.common.rundir import RunDir, atomic_write_text, read_json, read_jsonl
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
@@ -15,11 +17,11 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 def write_reports(root: Path, cfg: Config) -> None:
     run = RunDir(root, create=False)
     rounds = read_jsonl(run.rounds)
-    ledgers = {name: read_jsonl(path) for name, path in run.ledgers().items()}
+    ledgers = {name: readable_lines(read_entries(path)) for name, path in run.ledgers().items()}
     final = read_json(run.final().metrics)
-    key = f"ndcg@{cfg.eval.ks[0]}"
+    key = wire.metric_key(wire.NDCG, cfg.eval.ks[0])
     ndcg = [(r["round"], max(r["valid"]["metrics"][key])) for r in rounds if r["valid"]["metrics"].get(key)]
-    eps = {c: [(x["round"], x["epsilon"]) for x in lines] for c, lines in ledgers.items()}
+    eps = {c: [(x.round, x.epsilon) for x in lines] for c, lines in ledgers.items()}
     md = _markdown(cfg, rounds, ledgers, final, key)
     atomic_write_text(run.report_md, md)
     plots = (line_plot({"global model": ndcg}, f"validation {key} (best blend weight)", "round")
@@ -30,7 +32,7 @@ def write_reports(root: Path, cfg: Config) -> None:
         f"<body style='font-family:sans-serif;max-width:60em'>{plots}{body}</body>\n")
 
 
-def _markdown(cfg: Config, rounds: Sequence[Mapping], ledgers: Mapping[str, Sequence[Mapping]],
+def _markdown(cfg: Config, rounds: Sequence[Mapping], ledgers: Mapping[str, Sequence[LedgerLine]],
               final: Mapping, key: str) -> str:
     lines = [f"# fedrec simulation: {cfg.name}", "",
              f"{len(ledgers) or '?'} clients, {cfg.fed.rounds} rounds, strategy {cfg.fed.strategy}, "
@@ -57,8 +59,8 @@ def _markdown(cfg: Config, rounds: Sequence[Mapping], ledgers: Mapping[str, Sequ
               "| client | round | mechanism | σ | q | steps | δ | ε |", "|---|---|---|---|---|---|---|---|"]
     for client, entries in ledgers.items():
         for e in entries:
-            lines.append(f"| {client} | {e['round']} | {e['mechanism']} | {e['noise_multiplier']:.3f} | "
-                         f"{e['sample_rate']:.4f} | {e['steps']} | {e['delta']:.1e} | {e['epsilon']:.3f} |")
+            lines.append(f"| {client} | {e.round} | {e.mechanism} | {e.noise_multiplier:.3f} | "
+                         f"{e.sample_rate:.4f} | {e.steps} | {e.delta:.1e} | {e.epsilon:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,7 @@ from fedrec.common import wire
 from fedrec.common.config import Config, to_dict
 from fedrec.common.errors import AdapterError, ConfigError
 from fedrec.common.evaluation import BLEND_WEIGHTS
-from fedrec.common.ledger import MECHANISM_COOCCURRENCE, MECHANISM_POPULARITY
+from fedrec.common.ledger import MECHANISM_COOCCURRENCE, MECHANISM_DP_SGD, MECHANISM_POPULARITY
 from fedrec.common.lora import save_adapter, tensors_digest, validate_adapter
 from fedrec.common.prior import CollaborativePrior, head_items
 from fedrec.common.recommender import Loaded
@@ -282,7 +282,7 @@ class Coordinator:
         for r in trained:
             if ledgers.has_line(r):
                 self.state.ledgers.setdefault(r.client, []).append(
-                    ledgers.ledger_line(rnd, ledgers.MECHANISM_SGD, r, self.cfg.privacy.accountant))
+                    ledgers.ledger_line(rnd, MECHANISM_DP_SGD, r, self.cfg.privacy.accountant))
         due = rnd % self.cfg.fed.eval_every == 0 or rnd == self.cfg.fed.rounds  # the last round always
         valid = self.evaluate(wire.VALID, rnd=rnd) if due else evaluation.skipped()
         record = self._record(rnd, outcome, trained, valid, seconds=time.perf_counter() - t0)

@@ -27,7 +27,7 @@ from fedrec.client.train import (
 )
 from fedrec.common.assets import Sources, resolve_dataset
 from fedrec.common.catalogue import Catalogue, catalogue_cached
-from fedrec.common.config import Config
+from fedrec.common.config import Config, to_dict
 from fedrec.common.data import Dataset, Split, leave_one_out, load_dataset, sample_users
 from fedrec.common.errors import ConfigError
 from fedrec.common.evaluation import (
@@ -49,7 +49,7 @@ from fedrec.common.privacy.analysis import MechanismStep
 from fedrec.common.privacy.mechanisms import MechanismRandom, mechanism_random
 from fedrec.common.privacy.party import Party
 from fedrec.common.recommender import Loaded, build_recommender
-from fedrec.common.rundir import RunDir, append_jsonl, atomic_write_json, atomic_write_text
+from fedrec.common.rundir import AdapterRecord, RunDir, append_jsonl, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +286,11 @@ def _train(ctx: Context, trainer: LocalTrainer, method: str, *, party: Party | N
     seconds = time.perf_counter() - start
     log.info("%s: %d steps in %.0f s", method, steps, seconds)
     assert ctx.loaded is not None
+    trained = AdapterRecord(config=to_dict(ctx.cfg), model_fingerprint=ctx.loaded.base.fingerprint,
+                            dataset_fingerprint=ctx.dataset.fingerprint, run=method,
+                            variant=ctx.cfg.lora.variant)
     save_adapter(ctx.run.final(method).adapter, adapter_state(ctx.loaded.model),
-                 {"method": method, "base_model": ctx.loaded.base.fingerprint})
+                 {"method": method, "base_model": ctx.loaded.base.fingerprint} | trained.to_metadata())
     return seconds
 
 

@@ -27,10 +27,11 @@ from fedrec.common.catalogue import catalogue_cached
 from fedrec.common.config import Config, from_dict
 from fedrec.common.data import Dataset, load_dataset
 from fedrec.common.errors import ConfigError, DataError, RequestError
+from fedrec.common.ledger import read_ledger
 from fedrec.common.lora import load_adapter, read_adapter, read_adapter_metadata, read_adapter_record
 from fedrec.common.prior import CollaborativePrior, history_matrix, load_prior
 from fedrec.common.recommender import ItemEncoder, Loaded, build_recommender, item_vectors
-from fedrec.common.rundir import PRIOR, RECORD_KEY, AdapterRecord, RunDir, read_json, read_jsonl
+from fedrec.common.rundir import PRIOR, RECORD_KEY, AdapterRecord, RunDir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -147,17 +148,21 @@ def _read_config(path: Path) -> tuple[Config, dict[str, Any]]:
 
 
 def epsilon_summary(ledgers: Sequence[Path]) -> dict[str, dict[str, Any]]:
-    """Per party (client or central method): ε spent so far (the last ledger line), δ, releases."""
+    """Per party (client or central method): ε spent so far (the last ledger line), δ, releases;
+    a party whose ledger has a line that is not whole gets no ε, and the problem instead."""
     out: dict[str, dict[str, Any]] = {}
     for path in ledgers:
-        lines = read_jsonl(path)
+        try:
+            lines = read_ledger(path)
+        except DataError as exc:  # no ε is claimed from a ledger that cannot be read whole
+            out[path.stem] = {"epsilon": None, "problem": str(exc)}
+            continue
         if not lines:
             continue
         last = lines[-1]
         out[path.stem] = {
-            "epsilon": last.get("epsilon"), "delta": last.get("delta"), "releases": len(lines),
-            "mechanisms": sorted({str(x.get("mechanism")) for x in lines}),
-            "accountant": last.get("accountant"),
+            "epsilon": last.epsilon, "delta": last.delta, "releases": len(lines),
+            "mechanisms": sorted({x.mechanism for x in lines}), "accountant": last.accountant,
         }
     return out
 

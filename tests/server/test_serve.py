@@ -31,7 +31,7 @@ from fedrec.common.evaluation import CFSettings, blend, catalogue_vectors, cf_sc
 from fedrec.common.lora import load_adapter, save_adapter
 from fedrec.common.prior import CollaborativePrior, save_prior
 from fedrec.common.recommender import build_recommender
-from fedrec.common.rundir import RunDir
+from fedrec.common.rundir import RunDir, append_jsonl, atomic_write_json
 from fedrec.server.serving.http import HttpSettings, RateLimiter, ServeSpec, check_bind, create_app
 from fedrec.server.serving.http import run as serve_run
 from fedrec.server.serving.service import RecommenderService, ServeSettings, load_service, locate_run
@@ -76,13 +76,13 @@ def make_run(root: Path, cache: Path) -> Path:
     RunDir(run).write_config(cfg, {"clients": ["client-0", "client-1"], "engine": "test"})
     save_adapter(run / "final" / "adapter.safetensors", adapter, {"run_id": "t", "rounds": "2", "variant": "lora"})
     save_prior(run / "final", trained_prior())
-    RunDir(run).write_json("final/metrics.json", {"blend_weight": 2.0, "rounds": 2, "test": {"ndcg@10": 0.1},
-                                                  "cf": {"beta": 0.5, "shrink": 1.0}})
+    atomic_write_json(RunDir(run).final().metrics, {"blend_weight": 2.0, "rounds": 2, "test": {"ndcg@10": 0.1},
+                                                    "cf": {"beta": 0.5, "shrink": 1.0}})
     for client, eps in (("client-0", [0.5, 1.5]), ("client-1", [0.7, 2.5])):
         for rnd, e in enumerate(eps):
-            RunDir(run).append_jsonl(f"ledgers/{client}.jsonl", {
+            append_jsonl(RunDir(run).ledger(client), {
                 "round": rnd, "mechanism": "prior-counts" if rnd == 0 else "dp-sgd", "epsilon": e,
-                "delta": 1e-3, "accountant": "rdp"})
+                "delta": 1e-3, "accountant": "rdp", "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 1})
     return run
 
 

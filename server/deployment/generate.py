@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from fedrec.common.errors import ConfigError
-from fedrec.common.rundir import atomic_write_bytes, atomic_write_text, package_versions
+from fedrec.common.rundir import FLOWER_CONFIG, atomic_write_bytes, atomic_write_text, package_versions
 from fedrec.server.deployment import scripts
 from fedrec.server.deployment.keys import (
     key_pem,
@@ -69,7 +69,7 @@ def init_deployment(
     atomic_write_text(coord / "superlink.sh", scripts.superlink_script(dep), mode=0o755)
     atomic_write_text(coord / "register-supernodes.sh", scripts.register_script(dep), mode=0o755)
     atomic_write_text(coord / "run.sh", scripts.run_script(dep), mode=0o755)
-    atomic_write_text(coord / "flwr-home" / "config.toml", scripts.flwr_config(dep))
+    atomic_write_text(coord / "flwr-home" / FLOWER_CONFIG, scripts.flwr_config(dep))
     atomic_write_text(coord / "README.md", scripts.coordinator_readme(dep))
     atomic_write_text(root / "deployment.json", (json.dumps(asdict(dep), indent=1) + "\n"))
     if insecure:

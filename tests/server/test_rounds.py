@@ -16,6 +16,7 @@ import pytest
 import torch
 from fedrec.common import chain, wire
 from fedrec.common.config import Config, load_config
+from fedrec.common.errors import ConfigError
 from fedrec.common.lora import tensors_digest
 from fedrec.common.recommender import Loaded, build_recommender
 from fedrec.common.rundir import AdapterRecord, RunDir, read_json, read_jsonl
@@ -371,3 +372,23 @@ def test_the_server_says_what_it_waits_for(caplog) -> None:
     assert nodes == [1, 2, 3]
     assert "waiting for SuperNodes: 1 of 3 connected; the run needs fed.clients=3 (or num-clients in the " \
            "run config)" in caplog.text
+
+
+def test_without_num_clients_the_run_takes_the_nodes_once_they_settle() -> None:
+    class Joining:  # `flwr run .` with num-clients = 0: Flower's simulation registers its nodes at once
+        def __init__(self) -> None:
+            self.seen: list[list[int]] = [[], [], [1], [1, 2]]
+
+        def nodes(self) -> list[int]:
+            return self.seen.pop(0) if len(self.seen) > 1 else self.seen[0]
+
+    assert rounds.settled_node_count(cast(Transport, Joining()), 5.0, settle=0.05, poll=0.01) == 2
+
+
+def test_without_num_clients_and_no_node_the_run_stops_with_one_line() -> None:
+    class Empty:
+        def nodes(self) -> list[int]:
+            return []
+
+    with pytest.raises(ConfigError, match="no SuperNode connected in 0.05 s"):
+        rounds.settled_node_count(cast(Transport, Empty()), 0.05, poll=0.01)
